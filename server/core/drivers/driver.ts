@@ -1,0 +1,90 @@
+import type { IovaRange } from "../iova.js";
+
+/**
+ * The driver interface every emulated IOMMU model implements: the part of
+ * struct iommu_ops / iommu_domain_ops that iommufd reaches. A new model is a
+ * new folder next to this file; the core only talks to these types.
+ */
+
+/** IOMMU_READ / IOMMU_WRITE of a mapping. */
+export interface IommuProt {
+  readonly read: boolean;
+  readonly write: boolean;
+}
+
+/** IOMMU_HWPT_ALLOC_* flags as the driver sees them (FAULT_ID_VALID stripped). */
+export interface HwptAllocFlags {
+  readonly nestParent: boolean;
+  readonly dirtyTracking: boolean;
+  readonly pasid: boolean;
+}
+
+/** struct iommu_user_data: a driver data type and the struct bytes. */
+export interface UserData {
+  readonly type: number;
+  readonly data: Uint8Array;
+}
+
+/** What a driver knows of a bound device (its struct device + probe state). */
+export interface DeviceInfo {
+  readonly name: string;
+  readonly pasidCapable: boolean;
+  readonly dirtyTrackingCapable: boolean;
+}
+
+/** An iommu_domain of type IOMMU_DOMAIN_PAGING: an I/O page table. */
+export interface PagingDomain {
+  readonly type: "paging";
+  /** domain->geometry: the IOVA window the domain can translate. */
+  readonly aperture: IovaRange;
+  /** 1 << __ffs(pgsize_bitmap): the smallest page the domain maps. */
+  readonly pgsizeMin: bigint;
+  /** Allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING (has dirty_ops). */
+  readonly dirtyTracking: boolean;
+  /** Allocated with IOMMU_HWPT_ALLOC_NEST_PARENT. */
+  readonly nestParent: boolean;
+  /**
+   * iommu_map(): map [iova, iova + length) to guest RAM at hostAddr.
+   * `largePages` is false when the IOAS has HUGE_PAGES = 0. Throws an
+   * IommuError for a mapping the domain refuses; changes nothing then.
+   */
+  map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, largePages: boolean): void;
+  /** iommu_unmap() of a range map() accepted. */
+  unmap(iova: bigint, length: bigint): void;
+}
+
+/** An iommu_domain of type IOMMU_DOMAIN_NESTED: a user-owned stage 1. */
+export interface NestedDomain {
+  readonly type: "nested";
+  readonly parent: PagingDomain;
+}
+
+export type IommuDomain = PagingDomain | NestedDomain;
+
+export interface IommuDriver {
+  /** PASID width of the device's IOMMU for a PASID-capable device. */
+  readonly pasidWidth: number;
+
+  /**
+   * domain_alloc_paging_flags(): a paging domain for `dev`. The core has
+   * already checked the flags it owns (iommufd_hwpt_paging_alloc()).
+   */
+  allocPaging(dev: DeviceInfo, flags: HwptAllocFlags, userData: UserData | undefined): PagingDomain;
+
+  /**
+   * domain_alloc_nested(): a nested domain over a paging parent of this
+   * driver. Absent for a model without nesting (the core then answers
+   * EOPNOTSUPP, as for a driver without the op).
+   */
+  allocNested?(dev: DeviceInfo, parent: PagingDomain, flags: HwptAllocFlags, userData: UserData): NestedDomain;
+
+  /**
+   * attach_dev() for the RID (pasid 0) or set_dev_pasid() for a PASID:
+   * the driver's compatibility checks. `old` is the domain being replaced.
+   * Throws on refusal and then changes nothing.
+   */
+  attachDev(domain: IommuDomain, dev: DeviceInfo, pasid: number, old: IommuDomain | undefined): void;
+
+  /** The blocking domain's set_dev_pasid()/attach_dev() on detach. */
+  detachDev(dev: DeviceInfo, pasid: number): void;
+}

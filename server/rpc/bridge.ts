@@ -1,0 +1,110 @@
+import {
+  create,
+  type DescFile,
+  type DescMessage,
+  type DescMethod,
+  type DescService,
+  fromBinary,
+  type MessageInitShape,
+  type MessageShape,
+  toBinary,
+} from "@bufbuild/protobuf";
+import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
+import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
+import type * as grpc from "@grpc/grpc-js";
+
+/**
+ * The bridge between protobuf-es descriptors and grpc-js: service definitions
+ * whose (de)serializers are protobuf-es toBinary/fromBinary, typed unary
+ * handlers, and the descriptor set server reflection serves.
+ */
+
+/** A request whose bytes protobuf-es could not decode. */
+export class MalformedRequest {
+  constructor(readonly reason: string) {}
+}
+
+function decoder(schema: DescMessage) {
+  // A deserializer that throws makes grpc-js answer INTERNAL; a malformed
+  // request is the caller's error, so hand it to the handler instead.
+  return (bytes: Buffer) => {
+    try {
+      return fromBinary(schema, bytes);
+    } catch (e) {
+      return new MalformedRequest(e instanceof Error ? e.message : String(e));
+    }
+  };
+}
+
+function encoder(schema: DescMessage) {
+  return (message: MessageShape<DescMessage>) => Buffer.from(toBinary(schema, message));
+}
+
+/** grpc-js method definitions for every method of a protobuf-es service. */
+export function serviceDefinition(service: DescService): grpc.ServiceDefinition {
+  const definition: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+  for (const method of service.methods) {
+    definition[method.localName] = {
+      path: `/${service.typeName}/${method.name}`,
+      originalName: method.name,
+      requestStream: method.methodKind === "client_streaming" || method.methodKind === "bidi_streaming",
+      responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
+      requestSerialize: encoder(method.input) as (value: unknown) => Buffer,
+      requestDeserialize: decoder(method.input),
+      responseSerialize: encoder(method.output) as (value: unknown) => Buffer,
+      responseDeserialize: (bytes: Buffer) => fromBinary(method.output, bytes),
+    };
+  }
+  return definition;
+}
+
+type Method<S extends GenServiceMethods, K extends keyof S> = S[K] & DescMethod;
+
+/** A typed unary implementation of every method of a generated service. */
+export type UnaryImplementation<S extends GenServiceMethods> = {
+  [K in keyof S]: (request: MessageShape<Method<S, K>["input"]>) => MessageInitShape<Method<S, K>["output"]>;
+};
+
+/**
+ * grpc-js handlers for a unary implementation: each decodes, calls, encodes,
+ * and turns anything thrown (or a malformed request) into a status through
+ * `toStatus`.
+ */
+export function unaryHandlers<S extends GenServiceMethods>(
+  service: GenService<S>,
+  implementation: UnaryImplementation<S>,
+  toStatus: (error: unknown, method: DescMethod) => Partial<grpc.StatusObject>,
+): grpc.UntypedServiceImplementation {
+  const handlers: grpc.UntypedServiceImplementation = {};
+  for (const method of service.methods) {
+    const fn = implementation[method.localName as keyof S] as (request: unknown) => MessageInitShape<DescMessage>;
+    const handler: grpc.handleUnaryCall<unknown, unknown> = (call, callback) => {
+      try {
+        if (call.request instanceof MalformedRequest) throw call.request;
+        callback(null, create(method.output, fn(call.request)));
+      } catch (e) {
+        callback(toStatus(e, method));
+      }
+    };
+    handlers[method.localName] = handler;
+  }
+  return handlers;
+}
+
+/**
+ * The serialized FileDescriptorProtos of `files` and everything they import,
+ * in the shape @grpc/reflection reads from a package definition.
+ */
+export function reflectionPackage(files: readonly DescFile[]): Record<string, { format: "Protocol Buffer 3 EnumDescriptorProto"; type: object; fileDescriptorProtos: Buffer[] }> {
+  const seen = new Map<string, DescFile>();
+  const visit = (file: DescFile): void => {
+    if (seen.has(file.name)) return;
+    seen.set(file.name, file);
+    file.dependencies.forEach(visit);
+  };
+  files.forEach(visit);
+  const fileDescriptorProtos = [...seen.values()].map((f) => Buffer.from(toBinary(FileDescriptorProtoSchema, f.proto)));
+  // @grpc/reflection reads only fileDescriptorProtos; the format just types
+  // the entry as a proto-loader package member.
+  return { files: { format: "Protocol Buffer 3 EnumDescriptorProto", type: {}, fileDescriptorProtos } };
+}

@@ -1,0 +1,121 @@
+import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
+import type { AddressInfo } from "node:net";
+import * as grpc from "@grpc/grpc-js";
+import { ReflectionService } from "@grpc/reflection";
+import { HealthImplementation } from "grpc-health-check";
+import type { Logger } from "pino";
+import { file_google_rpc_error_details } from "../gen/google/rpc/error_details_pb.js";
+import { file_google_rpc_status } from "../gen/google/rpc/status_pb.js";
+import { file_grpc_health_v1_health } from "../gen/grpc/health/v1/health_pb.js";
+import { file_iommufd_v1_service, IommufdService } from "../gen/iommufd/v1/service_pb.js";
+import type { Config } from "./config.js";
+import { VmRegistry } from "./core/vm.js";
+import { createMetricsRegistry } from "./metrics/registry.js";
+import { reflectionPackage, serviceDefinition, unaryHandlers } from "./rpc/bridge.js";
+import { iommufdServiceImplementation } from "./rpc/service.js";
+import { toStatus } from "./rpc/status.js";
+
+export const SERVICE_NAME = IommufdService.typeName;
+
+/** A running iommufd-service: gRPC server, health, reflection, metrics listener. */
+export interface RunningServer {
+  /** The bound gRPC address, HOST:PORT. */
+  readonly address: string;
+  /** The bound metrics address, HOST:PORT. */
+  readonly metricsAddress: string;
+  readonly vms: VmRegistry;
+  /**
+   * Graceful drain: health goes NOT_SERVING, no new calls are accepted,
+   * in-flight calls complete (forced after the drain timeout).
+   */
+  shutdown(): Promise<void>;
+}
+
+function listenHttp(server: HttpServer, hostPort: string): Promise<string> {
+  const i = hostPort.lastIndexOf(":");
+  const host = hostPort.slice(0, i).replace(/^\[(.*)\]$/, "$1");
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(Number(hostPort.slice(i + 1)), host, () => {
+      const a = server.address() as AddressInfo;
+      resolve(a.family === "IPv6" ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}`);
+    });
+  });
+}
+
+function grpcHost(hostPort: string): string {
+  return hostPort.slice(0, hostPort.lastIndexOf(":"));
+}
+
+export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
+  const vms = new VmRegistry();
+  const server = new grpc.Server({
+    "grpc.max_receive_message_length": config.maxMessageBytes,
+    "grpc.max_send_message_length": config.maxMessageBytes,
+  });
+
+  const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
+  server.addService(
+    serviceDefinition(IommufdService),
+    unaryHandlers(IommufdService, iommufdServiceImplementation(vms), (e) => toStatus(e, onBug)),
+  );
+  const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
+  health.addToServer(server);
+  new ReflectionService(
+    reflectionPackage([file_iommufd_v1_service, file_grpc_health_v1_health, file_google_rpc_status, file_google_rpc_error_details]),
+  ).addToServer(server);
+
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync(config.listen, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+  );
+  const address = `${grpcHost(config.listen)}:${port}`;
+
+  const metrics = createMetricsRegistry(vms);
+  let draining = false;
+  const http = createHttpServer((req, res) => {
+    if (req.method === "GET" && req.url === "/metrics") {
+      metrics.metrics().then(
+        (body) => res.writeHead(200, { "content-type": metrics.contentType }).end(body),
+        (err: unknown) => {
+          log.error({ err }, "metrics collection failed");
+          res.writeHead(500).end();
+        },
+      );
+    } else if (req.method === "GET" && req.url === "/healthz") {
+      res.writeHead(draining ? 503 : 200, { "content-type": "text/plain" }).end(draining ? "draining\n" : "ok\n");
+    } else {
+      res.writeHead(404, { "content-type": "text/plain" }).end("not found\n");
+    }
+  });
+  let metricsAddress: string;
+  try {
+    metricsAddress = await listenHttp(http, config.metricsListen);
+  } catch (e) {
+    server.forceShutdown();
+    throw e;
+  }
+
+  log.info({ grpc: address, metrics: metricsAddress }, `iommufd-service listening on ${address} (gRPC) and ${metricsAddress} (metrics)`);
+
+  let stopping: Promise<void> | undefined;
+  const shutdown = () => {
+    stopping ??= new Promise<void>((resolve) => {
+      draining = true;
+      health.setStatus("", "NOT_SERVING");
+      health.setStatus(SERVICE_NAME, "NOT_SERVING");
+      log.info("draining: no new calls, waiting for in-flight RPCs");
+      const timer = setTimeout(() => {
+        log.warn({ timeoutMs: config.drainTimeoutMs }, "drain timeout: forcing shutdown");
+        server.forceShutdown();
+      }, config.drainTimeoutMs);
+      server.tryShutdown(() => {
+        clearTimeout(timer);
+        http.close(() => resolve());
+        http.closeAllConnections();
+      });
+    });
+    return stopping;
+  };
+
+  return { address, metricsAddress, vms, shutdown };
+}
