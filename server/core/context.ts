@@ -4,6 +4,17 @@ import type { GuestMemory } from "./guest-memory.js";
 import { IdAllocator } from "./id-allocator.js";
 import { Device, Ioas, type IommufdObject, type ObjectType } from "./objects.js";
 
+/** Per-VM counters, plain numbers the metrics read at scrape time. */
+export interface VmStats {
+  translations: number;
+  iotlbHits: number;
+  iotlbMisses: number;
+  memoryReferences: number;
+  faults: number;
+  /** IOMMU_HWPT_INVALIDATE entries handled, by failed requests too. */
+  invalidationEntries: number;
+}
+
 /**
  * One iommufd context (struct iommufd_ctx, main.c): what one open /dev/iommu
  * is to a VMM. Owns the object table with the kernel's id policy and the
@@ -13,6 +24,7 @@ export class IommufdContext {
   private readonly objects = new Map<number, IommufdObject>();
   private readonly ids = new IdAllocator();
   readonly devicesByName = new Map<string, Device>();
+  readonly stats: VmStats = { translations: 0, iotlbHits: 0, iotlbMisses: 0, memoryReferences: 0, faults: 0, invalidationEntries: 0 };
 
   constructor(
     readonly memory: GuestMemory,

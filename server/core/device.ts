@@ -2,6 +2,7 @@ import type { IommufdContext } from "./context.js";
 import { fail } from "./errno.js";
 import { hwPagetablePut, hwptPagingAlloc } from "./hwpt.js";
 import { Device, type Hwpt, type Ioas } from "./objects.js";
+import { IOMMU_HW_CAP_DIRTY_TRACKING, IOMMU_HW_INFO_TYPE_DEFAULT } from "./uapi.js";
 
 /**
  * Device binding and attachment (device.c). Every emulated device is alone in
@@ -170,4 +171,31 @@ export function deviceDetach(ctx: IommufdContext, devId: number, pasid: number):
   if (hwpt === undefined) return;
   hwPagetablePut(ctx, hwpt);
   idev.users--;
+}
+
+export interface HwInfo {
+  /** out_data_type */
+  readonly type: number;
+  /** The driver struct in kernel layout. */
+  readonly data: Uint8Array;
+  /** out_capabilities */
+  readonly capabilities: bigint;
+  /** out_max_pasid_log2 */
+  readonly maxPasidLog2: number;
+}
+
+/**
+ * IOMMU_GET_HW_INFO (iommufd_get_hw_info()): `type` absent is
+ * IOMMU_HW_INFO_TYPE_DEFAULT (no IOMMU_HW_INFO_FLAG_INPUT_TYPE).
+ */
+export function deviceHwInfo(ctx: IommufdContext, devId: number, type: number | undefined): HwInfo {
+  const idev = ctx.getDevice(devId);
+  const info = ctx.driver.hwInfo(idev, type ?? IOMMU_HW_INFO_TYPE_DEFAULT);
+  return {
+    ...info,
+    // device_iommu_capable(IOMMU_CAP_DIRTY_TRACKING); the PCI PASID
+    // execute/privileged capabilities are not emulated.
+    capabilities: idev.dirtyTrackingCapable ? IOMMU_HW_CAP_DIRTY_TRACKING : 0n,
+    maxPasidLog2: idev.pasidCapable ? ctx.driver.pasidWidth : 0,
+  };
 }

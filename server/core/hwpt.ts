@@ -1,9 +1,9 @@
 import type { IommufdContext } from "./context.js";
 import { hwPagetableAttach, hwPagetableDetach } from "./device.js";
-import type { HwptAllocFlags, UserData } from "./drivers/driver.js";
-import { fail } from "./errno.js";
+import type { HwptAllocFlags, IotlbDump, UserData } from "./drivers/driver.js";
+import { fail, IommuError } from "./errno.js";
 import { type Device, type Hwpt, HwptNested, HwptPaging, type Ioas } from "./objects.js";
-import { encodeHwptData, type HwptData, IOMMU_HWPT_DATA_NONE } from "./uapi.js";
+import { encodeHwptData, encodeInvalidations, type HwptData, IOMMU_HWPT_DATA_NONE, type Invalidations } from "./uapi.js";
 
 /** HWPT allocation and lifetime (hw_pagetable.c). */
 
@@ -113,4 +113,35 @@ export function iommufdDestroy(ctx: IommufdContext, id: number): void {
   if (obj.users !== 1) fail("EBUSY", `object ${id} is in use`);
   ctx.remove(obj);
   obj.destroy();
+}
+
+/**
+ * IOMMU_HWPT_INVALIDATE (iommufd_hwpt_invalidate()): returns the entries
+ * handled; a failure carries them in IommuError.entriesHandled (0 for the
+ * checks before any entry is looked at).
+ */
+export function hwptInvalidate(ctx: IommufdContext, hwptId: number, requests: Invalidations | undefined): number {
+  try {
+    if (requests === undefined) fail("EINVAL", "no invalidation entries given (oneof requests is unset)");
+    const array = encodeInvalidations(requests);
+    if (array.entryNum !== 0 && (array.data.length === 0 || array.entryLen === 0)) {
+      fail("EINVAL", "entry_num is non-zero but data is empty or entry_len is 0");
+    }
+    const obj = ctx.getObject(hwptId);
+    if (obj.type !== "hwpt_nested") fail("EINVAL", `object ${hwptId} is not a nested HWPT`);
+    const handled = (obj as HwptNested).domain.cacheInvalidateUser(array);
+    ctx.stats.invalidationEntries += handled;
+    return handled;
+  } catch (e) {
+    if (!(e instanceof IommuError)) throw e;
+    ctx.stats.invalidationEntries += e.entriesHandled ?? 0;
+    throw e.entriesHandled === undefined ? new IommuError(e.errno, e.message, 0) : e;
+  }
+}
+
+/** DumpIotlb (IOMMU_TEST_OP_MD_CHECK_IOTLB made general). */
+export function hwptDumpIotlb(ctx: IommufdContext, hwptId: number): IotlbDump {
+  const obj = ctx.getObject(hwptId);
+  if (obj.type !== "hwpt_paging" && obj.type !== "hwpt_nested") fail("EINVAL", `object ${hwptId} is not a HWPT`);
+  return ctx.driver.dumpIotlb((obj as Hwpt).domain);
 }

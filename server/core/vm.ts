@@ -19,19 +19,7 @@ export interface VmOptions {
 
 export const DEFAULT_VM_OPTIONS: VmOptions = { iotlbEntries: 4096, pagingStructureCaches: false, fiveLevel: false };
 
-/** Per-VM counters, plain numbers the metrics read at scrape time. */
-export interface VmStats {
-  translations: number;
-  iotlbHits: number;
-  iotlbMisses: number;
-  memoryReferences: number;
-  faults: number;
-  invalidationEntries: number;
-}
-
 export class Vm {
-  readonly stats: VmStats = { translations: 0, iotlbHits: 0, iotlbMisses: 0, memoryReferences: 0, faults: 0, invalidationEntries: 0 };
-
   constructor(
     readonly id: string,
     readonly model: IommuModel,
@@ -65,7 +53,7 @@ function createDriver(model: IommuModel, options: VmOptions): IommuDriver {
     case "mock":
       return new MockDriver();
     case "intel_vtd":
-      return new VtdDriver({ fiveLevel: options.fiveLevel });
+      return new VtdDriver({ fiveLevel: options.fiveLevel }, { flushNested() {} });
     case "arm_smmuv3":
       fail("EOPNOTSUPP", "the ARM SMMUv3 model is not implemented yet");
   }

@@ -1,14 +1,15 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import type { AllocHwptRequest } from "../../gen/iommufd/v1/hwpt_pb.js";
+import type { AllocHwptRequest, InvalidateRequest } from "../../gen/iommufd/v1/hwpt_pb.js";
+import type { HwInfoResponseSchema } from "../../gen/iommufd/v1/device_pb.js";
 import { IommuOption as IommuOptionPb } from "../../gen/iommufd/v1/ioas_pb.js";
 import { IommufdService } from "../../gen/iommufd/v1/service_pb.js";
 import { IommuModel as IommuModelPb, type VmSchema } from "../../gen/iommufd/v1/vm_pb.js";
-import { deviceAttach, deviceBind, deviceDetach, deviceUnbind, IOMMU_NO_PASID } from "../core/device.js";
+import { deviceAttach, deviceBind, deviceDetach, deviceHwInfo, deviceUnbind, type HwInfo, IOMMU_NO_PASID } from "../core/device.js";
 import { fail } from "../core/errno.js";
 import { guestMemoryRead, guestMemoryWrite } from "../core/guest-memory.js";
-import { hwptAlloc, iommufdDestroy } from "../core/hwpt.js";
+import { hwptAlloc, hwptDumpIotlb, hwptInvalidate, iommufdDestroy } from "../core/hwpt.js";
 import { ioasAlloc, ioasAllowIovas, ioasCopy, ioasIovaRanges, ioasMap, ioasUnmap, iommuOption, type IommuOption } from "../core/ioas.js";
-import type { HwptData } from "../core/uapi.js";
+import { decodeHwInfo, type HwptData, type Invalidations } from "../core/uapi.js";
 import type { IommuModel, Vm, VmRegistry } from "../core/vm.js";
 import type { UnaryImplementation } from "./bridge.js";
 
@@ -65,6 +66,34 @@ function hwptDataOf(data: AllocHwptRequest["data"]): HwptData | undefined {
   }
 }
 
+function invalidationsOf(requests: InvalidateRequest["requests"]): Invalidations | undefined {
+  switch (requests.case) {
+    case undefined:
+      return undefined;
+    case "vtdS1":
+      return { kind: "vtd_s1", entries: requests.value.entries };
+    case "armSmmuv3":
+      return { kind: "arm_smmuv3", commands: requests.value.commands };
+    case "selftest":
+      return { kind: "selftest", entries: requests.value.entries };
+    case "raw":
+      return { kind: "raw", ...requests.value };
+  }
+}
+
+function hwInfoToPb(info: HwInfo): MessageInitShape<typeof HwInfoResponseSchema> {
+  const decoded = decodeHwInfo(info.type, info.data);
+  const common = { dataType: info.type, data: info.data, capabilities: info.capabilities, maxPasidLog2: info.maxPasidLog2 };
+  switch (decoded.kind) {
+    case "vtd":
+      return { ...common, info: { case: "vtd", value: { flags: decoded.flags, capReg: decoded.capReg, ecapReg: decoded.ecapReg } } };
+    case "selftest":
+      return { ...common, info: { case: "selftest", value: { flags: decoded.flags, testReg: decoded.testReg } } };
+    case "none":
+      return common;
+  }
+}
+
 /** An RPC a later milestone implements: EOPNOTSUPP, i.e. UNIMPLEMENTED. */
 function notYet(rpc: string): never {
   fail("EOPNOTSUPP", `${rpc} is not implemented yet`);
@@ -96,8 +125,7 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
       return { vms: page.vms.map(vmToPb), nextPageToken: page.nextPageToken };
     },
     getStats(req) {
-      const vm = vms.get(req.vmId);
-      const s = vm.stats;
+      const s = ctxOf(req.vmId).stats;
       return {
         stats: {
           translations: BigInt(s.translations),
@@ -126,8 +154,8 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
       deviceDetach(ctxOf(req.vmId), req.devId, req.pasid ?? IOMMU_NO_PASID);
       return {};
     },
-    hwInfo() {
-      notYet("HwInfo");
+    hwInfo(req) {
+      return hwInfoToPb(deviceHwInfo(ctxOf(req.vmId), req.devId, req.dataType));
     },
 
     allocIoas(req) {
@@ -163,15 +191,16 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
       const flags = { nestParent: req.nestParent, dirtyTracking: req.dirtyTracking, pasid: req.pasid };
       return { hwptId: hwptAlloc(ctx, { devId: req.devId, ptId: req.ptId, flags, data: hwptDataOf(req.data) }) };
     },
-    invalidate() {
-      notYet("Invalidate");
+    invalidate(req) {
+      return { entriesHandled: hwptInvalidate(ctxOf(req.vmId), req.hwptId, invalidationsOf(req.requests)) };
     },
     destroy(req) {
       iommufdDestroy(ctxOf(req.vmId), req.id);
       return {};
     },
-    dumpIotlb() {
-      notYet("DumpIotlb");
+    dumpIotlb(req) {
+      const dump = hwptDumpIotlb(ctxOf(req.vmId), req.hwptId);
+      return { selftestIotlb: [...dump.selftestIotlb], entries: dump.entries.map((e) => ({ ...e })) };
     },
 
     writeGuestMemory(req) {

@@ -1,4 +1,5 @@
 import type { IovaRange } from "../iova.js";
+import type { UserDataArray } from "../uapi.js";
 
 /**
  * The driver interface every emulated IOMMU model implements: the part of
@@ -57,6 +58,12 @@ export interface PagingDomain {
 export interface NestedDomain {
   readonly type: "nested";
   readonly parent: PagingDomain;
+  /**
+   * cache_invalidate_user(): handle the entries in order, stopping at the
+   * first failure. Returns the number handled; a failure is an IommuError
+   * whose entriesHandled says how many entries before it were handled.
+   */
+  cacheInvalidateUser(array: UserDataArray): number;
 }
 
 export type IommuDomain = PagingDomain | NestedDomain;
@@ -87,4 +94,33 @@ export interface IommuDriver {
 
   /** The blocking domain's set_dev_pasid()/attach_dev() on detach. */
   detachDev(dev: DeviceInfo, pasid: number): void;
+
+  /**
+   * hw_info(): the driver struct IOMMU_GET_HW_INFO returns for a requested
+   * type (IOMMU_HW_INFO_TYPE_DEFAULT = 0 picks the driver's own); an
+   * unsupported type is EOPNOTSUPP.
+   */
+  hwInfo(dev: DeviceInfo, type: number): { type: number; data: Uint8Array };
+
+  /**
+   * What a domain's caches hold (IOMMU_TEST_OP_MD_CHECK_IOTLB made general):
+   * the mock's iotlb values or IOTLB entries. Throws for a domain that has
+   * nothing to show (the mock's paging domains: ENOENT).
+   */
+  dumpIotlb(domain: IommuDomain): IotlbDump;
+}
+
+/** One cached translation as DumpIotlb reports it. */
+export interface IotlbEntryInfo {
+  readonly iova: bigint;
+  readonly pageSize: bigint;
+  readonly address: bigint;
+  readonly readable: boolean;
+  readonly writeable: boolean;
+  readonly pasid: number | undefined;
+}
+
+export interface IotlbDump {
+  readonly selftestIotlb: readonly number[];
+  readonly entries: readonly IotlbEntryInfo[];
 }

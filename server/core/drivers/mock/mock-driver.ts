@@ -1,6 +1,25 @@
-import { fail } from "../../errno.js";
+import { fail, IommuError } from "../../errno.js";
 import type { IovaRange } from "../../iova.js";
-import type { DeviceInfo, HwptAllocFlags, IommuDomain, IommuDriver, IommuProt, PagingDomain, UserData } from "../driver.js";
+import {
+  copyStructFromUserArray,
+  IOMMU_HW_INFO_TYPE_DEFAULT,
+  IOMMU_HW_INFO_TYPE_SELFTEST,
+  IOMMU_HWPT_DATA_SELFTEST,
+  IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
+  IOMMU_TEST_INVALIDATE_FLAG_ALL,
+  type UserDataArray,
+} from "../../uapi.js";
+import type {
+  DeviceInfo,
+  HwptAllocFlags,
+  IommuDomain,
+  IommuDriver,
+  IommuProt,
+  IotlbDump,
+  NestedDomain,
+  PagingDomain,
+  UserData,
+} from "../driver.js";
 
 /**
  * The selftest mock IOMMU (drivers/iommu/iommufd/selftest.c, iommufd_test.h):
@@ -16,6 +35,10 @@ export const MOCK_IO_PAGE_SIZE = 2048n;
 export const MOCK_PASID_WIDTH = 20;
 /** The PASID whose replace the mock fails once with ENOMEM (mock_domain_set_dev_pasid_nop()). */
 export const IOMMU_TEST_PASID_FAKE_ERROR = 1024;
+/** MOCK_NESTED_DOMAIN_IOTLB_NUM / _ID_MAX */
+export const MOCK_NESTED_DOMAIN_IOTLB_NUM = 4;
+/** IOMMU_HW_INFO_SELFTEST_REGVAL */
+export const IOMMU_HW_INFO_SELFTEST_REGVAL = 0xdeadbeef;
 
 /** struct mock_iommu_domain: a paging domain with the selftest geometry. */
 class MockPagingDomain implements PagingDomain {
@@ -33,6 +56,47 @@ class MockPagingDomain implements PagingDomain {
   unmap(_iova: bigint, _length: bigint): void {}
 }
 
+/**
+ * struct mock_iommu_domain_nested: no page table, four "iotlb" values the
+ * tests set at allocation and clear by invalidation.
+ */
+class MockNestedDomain implements NestedDomain {
+  readonly type = "nested";
+  readonly iotlb = new Uint32Array(MOCK_NESTED_DOMAIN_IOTLB_NUM);
+
+  constructor(
+    readonly parent: PagingDomain,
+    iotlb: number,
+  ) {
+    this.iotlb.fill(iotlb);
+  }
+
+  /** mock_domain_cache_invalidate_user() */
+  cacheInvalidateUser(array: UserDataArray): number {
+    if (array.type !== IOMMU_HWPT_INVALIDATE_DATA_SELFTEST) {
+      throw new IommuError("EINVAL", `invalidation data_type ${array.type} is not IOMMU_HWPT_INVALIDATE_DATA_SELFTEST`, 0);
+    }
+    let processed = 0;
+    try {
+      for (let i = 0; i < array.entryNum; i++) {
+        // struct iommu_hwpt_invalidate_selftest, min_last iotlb_id: exactly 8 bytes
+        const inv = copyStructFromUserArray(array, IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, i, 8, 8);
+        const flags = inv.getUint32(0, true);
+        const iotlbId = inv.getUint32(4, true);
+        if (flags & ~IOMMU_TEST_INVALIDATE_FLAG_ALL) fail("EOPNOTSUPP", `entry ${i}: unknown flags 0x${flags.toString(16)}`);
+        if (iotlbId >= MOCK_NESTED_DOMAIN_IOTLB_NUM) fail("EINVAL", `entry ${i}: iotlb_id ${iotlbId} > ${MOCK_NESTED_DOMAIN_IOTLB_NUM - 1}`);
+        if (flags & IOMMU_TEST_INVALIDATE_FLAG_ALL) this.iotlb.fill(0);
+        else this.iotlb[iotlbId] = 0;
+        processed++;
+      }
+    } catch (e) {
+      if (e instanceof IommuError) throw new IommuError(e.errno, e.message, processed);
+      throw e;
+    }
+    return processed;
+  }
+}
+
 export class MockDriver implements IommuDriver {
   readonly pasidWidth = MOCK_PASID_WIDTH;
   /** mdev->pasid_1024_fake_error, per device. */
@@ -43,6 +107,16 @@ export class MockDriver implements IommuDriver {
     if (userData !== undefined) fail("EOPNOTSUPP", "the mock driver takes no user data for a paging domain");
     if (flags.dirtyTracking && !dev.dirtyTrackingCapable) fail("EOPNOTSUPP", "the device has no dirty tracking");
     return new MockPagingDomain(flags.dirtyTracking, flags.nestParent);
+  }
+
+  /** mock_domain_alloc_nested(): type IOMMU_HWPT_DATA_SELFTEST, exactly 4 bytes. */
+  allocNested(_dev: DeviceInfo, parent: PagingDomain, _flags: HwptAllocFlags, userData: UserData): NestedDomain {
+    if (!(parent instanceof MockPagingDomain)) fail("EINVAL", "the parent is not a mock paging domain");
+    if (userData.type !== IOMMU_HWPT_DATA_SELFTEST) fail("EOPNOTSUPP", `data_type 0x${userData.type.toString(16)} is not IOMMU_HWPT_DATA_SELFTEST`);
+    // iommu_copy_struct_from_user(min_last = iotlb): struct iommu_hwpt_selftest is 4 bytes.
+    if (userData.data.length !== 4) fail("EINVAL", `data_len ${userData.data.length} is not 4 (struct iommu_hwpt_selftest)`);
+    const iotlb = new DataView(userData.data.buffer, userData.data.byteOffset, 4).getUint32(0, true);
+    return new MockNestedDomain(parent, iotlb);
   }
 
   /** mock_domain_nop_attach() and mock_domain_set_dev_pasid_nop() */
@@ -67,5 +141,21 @@ export class MockDriver implements IommuDriver {
 
   detachDev(dev: DeviceInfo, pasid: number): void {
     if (pasid === IOMMU_TEST_PASID_FAKE_ERROR) this.pasidFakeError.delete(dev);
+  }
+
+  /** mock_domain_hw_info(): struct iommu_test_hw_info {flags 0, test_reg 0xdeadbeef}. */
+  hwInfo(_dev: DeviceInfo, type: number): { type: number; data: Uint8Array } {
+    if (type !== IOMMU_HW_INFO_TYPE_DEFAULT && type !== IOMMU_HW_INFO_TYPE_SELFTEST) {
+      fail("EOPNOTSUPP", `hw_info type 0x${type.toString(16)} is not supported by the mock IOMMU`);
+    }
+    const view = new DataView(new ArrayBuffer(8));
+    view.setUint32(4, IOMMU_HW_INFO_SELFTEST_REGVAL, true);
+    return { type: IOMMU_HW_INFO_TYPE_SELFTEST, data: new Uint8Array(view.buffer) };
+  }
+
+  /** IOMMU_TEST_OP_MD_CHECK_IOTLB reads a mock nested domain's iotlb values. */
+  dumpIotlb(domain: IommuDomain): IotlbDump {
+    if (!(domain instanceof MockNestedDomain)) fail("ENOENT", "not a mock nested HWPT");
+    return { selftestIotlb: [...domain.iotlb], entries: [] };
   }
 }
