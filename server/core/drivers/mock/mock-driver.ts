@@ -121,10 +121,13 @@ export class MockDriver implements IommuDriver {
 
   /** mock_domain_nop_attach() and mock_domain_set_dev_pasid_nop() */
   attachDev(domain: IommuDomain, dev: DeviceInfo, pasid: number, old: IommuDomain | undefined): void {
-    if (domain.type === "paging" && domain.dirtyTracking && !dev.dirtyTrackingCapable) {
-      fail("EINVAL", "a device without dirty tracking cannot attach to a dirty-tracking domain");
+    if (pasid === 0) {
+      // Only the RID path (mock_domain_nop_attach()) checks dirty tracking.
+      if (domain.type === "paging" && domain.dirtyTracking && !dev.dirtyTrackingCapable) {
+        fail("EINVAL", "a device without dirty tracking cannot attach to a dirty-tracking domain");
+      }
+      return;
     }
-    if (pasid === 0) return;
     // iommu_attach_device_pasid(): the PASID must fit the device's PASID width.
     if (!dev.pasidCapable || pasid >= 2 ** MOCK_PASID_WIDTH) fail("EINVAL", `PASID ${pasid} is not supported by the device`);
     if (pasid === IOMMU_TEST_PASID_FAKE_ERROR) {
