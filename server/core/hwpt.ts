@@ -46,6 +46,7 @@ export function hwptPagingAlloc(
       throw e;
     }
   } catch (e) {
+    domain.free();
     ioas.users--;
     ctx.abort(hwpt);
     throw e;

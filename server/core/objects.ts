@@ -60,6 +60,7 @@ export class HwptPaging extends IommufdObject {
       list.splice(index, 1);
       this.ioas.iopt.tableRemoveDomain(this.domain);
     }
+    this.domain.free();
     this.ioas.users--;
   }
 }
@@ -78,6 +79,7 @@ export class HwptNested extends IommufdObject {
 
   /** iommufd_hwpt_nested_destroy() */
   destroy(): void {
+    this.domain.free();
     this.parent.users--;
   }
 }

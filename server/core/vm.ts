@@ -48,12 +48,12 @@ function checkVmId(vmId: string): void {
   if (!VM_ID.test(vmId)) fail("EINVAL", `vm_id "${vmId.slice(0, 80)}" is not a DNS label (^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$)`);
 }
 
-function createDriver(model: IommuModel, options: VmOptions): IommuDriver {
+function createDriver(model: IommuModel, options: VmOptions, memory: GuestMemory): IommuDriver {
   switch (model) {
     case "mock":
       return new MockDriver();
     case "intel_vtd":
-      return new VtdDriver({ fiveLevel: options.fiveLevel }, { flushNested() {} });
+      return new VtdDriver(options, memory);
     case "arm_smmuv3":
       fail("EOPNOTSUPP", "the ARM SMMUv3 model is not implemented yet");
   }
@@ -79,9 +79,10 @@ export class VmRegistry {
       fail("EINVAL", `guest_memory_bytes ${bytes} must be a non-zero multiple of 4096 and at most ${GUEST_MEMORY_MAX}`);
     }
     const options: VmOptions = { ...DEFAULT_VM_OPTIONS, ...cmd.options };
-    const driver = createDriver(cmd.model, options);
+    if (cmd.model === "arm_smmuv3") fail("EOPNOTSUPP", "the ARM SMMUv3 model is not implemented yet");
     if (this.vms.has(cmd.vmId)) fail("EEXIST", `VM "${cmd.vmId}" already exists`);
-    const vm = new Vm(cmd.vmId, cmd.model, options, new IommufdContext(new GuestMemory(Number(bytes)), driver));
+    const memory = new GuestMemory(Number(bytes));
+    const vm = new Vm(cmd.vmId, cmd.model, options, new IommufdContext(memory, createDriver(cmd.model, options, memory)));
     this.vms.set(vm.id, vm);
     return vm;
   }

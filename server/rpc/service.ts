@@ -5,11 +5,13 @@ import { IommuOption as IommuOptionPb } from "../../gen/iommufd/v1/ioas_pb.js";
 import { IommufdService } from "../../gen/iommufd/v1/service_pb.js";
 import { IommuModel as IommuModelPb, type VmSchema } from "../../gen/iommufd/v1/vm_pb.js";
 import { deviceAttach, deviceBind, deviceDetach, deviceHwInfo, deviceUnbind, type HwInfo, IOMMU_NO_PASID } from "../core/device.js";
-import { fail } from "../core/errno.js";
 import { guestMemoryRead, guestMemoryWrite } from "../core/guest-memory.js";
 import { hwptAlloc, hwptDumpIotlb, hwptInvalidate, iommufdDestroy } from "../core/hwpt.js";
 import { ioasAlloc, ioasAllowIovas, ioasCopy, ioasIovaRanges, ioasMap, ioasUnmap, iommuOption, type IommuOption } from "../core/ioas.js";
 import { decodeHwInfo, type HwptData, type Invalidations } from "../core/uapi.js";
+import { DmaBatch } from "../core/translate/dma-batch.js";
+import { faultName } from "../core/translate/fault.js";
+import { translate } from "../core/translate/translate.js";
 import type { IommuModel, Vm, VmRegistry } from "../core/vm.js";
 import type { UnaryImplementation } from "./bridge.js";
 
@@ -94,11 +96,6 @@ function hwInfoToPb(info: HwInfo): MessageInitShape<typeof HwInfoResponseSchema>
   }
 }
 
-/** An RPC a later milestone implements: EOPNOTSUPP, i.e. UNIMPLEMENTED. */
-function notYet(rpc: string): never {
-  fail("EOPNOTSUPP", `${rpc} is not implemented yet`);
-}
-
 export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementation<Service> {
   const ctxOf = (vmId: string) => vms.get(vmId).ctx;
   return {
@@ -125,7 +122,8 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
       return { vms: page.vms.map(vmToPb), nextPageToken: page.nextPageToken };
     },
     getStats(req) {
-      const s = ctxOf(req.vmId).stats;
+      const ctx = ctxOf(req.vmId);
+      const s = ctx.stats;
       return {
         stats: {
           translations: BigInt(s.translations),
@@ -134,7 +132,7 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
           memoryReferences: BigInt(s.memoryReferences),
           faults: BigInt(s.faults),
           invalidationEntries: BigInt(s.invalidationEntries),
-          iotlbEntries: 0n,
+          iotlbEntries: BigInt(ctx.driver.iotlbOccupancy),
         },
       };
     },
@@ -210,8 +208,17 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
     readGuestMemory(req) {
       return { data: guestMemoryRead(ctxOf(req.vmId).memory, req.gpa, req.length) };
     },
-    translate() {
-      notYet("Translate");
+    translate(req) {
+      const batch = DmaBatch.fromIovas(req.iovas, req.write);
+      translate(ctxOf(req.vmId), req.devId, req.pasid, batch);
+      const faults: { index: number; reason: number; reasonName: string; iova: bigint }[] = [];
+      const addresses = new Array<bigint>(batch.count);
+      for (let i = 0; i < batch.count; i++) {
+        const reason = batch.fault[i];
+        if (reason !== 0) faults.push({ index: i, reason, reasonName: faultName(reason), iova: req.iovas[i] });
+        addresses[i] = reason === 0 ? BigInt(batch.addr[i]) : 0n;
+      }
+      return { addresses, memoryReferences: Array.from(batch.refs), faults, iotlbHits: batch.hits };
     },
   };
 }

@@ -1,4 +1,5 @@
 import type { IovaRange } from "../iova.js";
+import type { DmaBatch } from "../translate/dma-batch.js";
 import type { UserDataArray } from "../uapi.js";
 
 /**
@@ -50,8 +51,10 @@ export interface PagingDomain {
    * IommuError for a mapping the domain refuses; changes nothing then.
    */
   map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, largePages: boolean): void;
-  /** iommu_unmap() of a range map() accepted. */
+  /** iommu_unmap() of a range map() accepted; drops what caches derived from it. */
   unmap(iova: bigint, length: bigint): void;
+  /** iommu_domain_free(): the HWPT is destroyed. */
+  free(): void;
 }
 
 /** An iommu_domain of type IOMMU_DOMAIN_NESTED: a user-owned stage 1. */
@@ -64,6 +67,8 @@ export interface NestedDomain {
    * whose entriesHandled says how many entries before it were handled.
    */
   cacheInvalidateUser(array: UserDataArray): number;
+  /** iommu_domain_free(): the HWPT is destroyed. */
+  free(): void;
 }
 
 export type IommuDomain = PagingDomain | NestedDomain;
@@ -71,6 +76,8 @@ export type IommuDomain = PagingDomain | NestedDomain;
 export interface IommuDriver {
   /** PASID width of the device's IOMMU for a PASID-capable device. */
   readonly pasidWidth: number;
+  /** Translations the IOTLB holds now. */
+  readonly iotlbOccupancy: number;
 
   /**
    * domain_alloc_paging_flags(): a paging domain for `dev`. The core has
@@ -108,6 +115,12 @@ export interface IommuDriver {
    * nothing to show (the mock's paging domains: ENOENT).
    */
   dumpIotlb(domain: IommuDomain): IotlbDump;
+
+  /**
+   * A device's DMA through `domain` for requests with `pasid` (0 = without
+   * PASID): fills the batch's per-access results and counters.
+   */
+  translate(domain: IommuDomain, pasid: number, batch: DmaBatch): void;
 }
 
 /** One cached translation as DumpIotlb reports it. */

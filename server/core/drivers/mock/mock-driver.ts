@@ -1,4 +1,6 @@
 import { fail, IommuError } from "../../errno.js";
+import type { DmaBatch } from "../../translate/dma-batch.js";
+import { FAULT } from "../../translate/fault.js";
 import type { IovaRange } from "../../iova.js";
 import {
   copyStructFromUserArray,
@@ -40,20 +42,39 @@ export const MOCK_NESTED_DOMAIN_IOTLB_NUM = 4;
 /** IOMMU_HW_INFO_SELFTEST_REGVAL */
 export const IOMMU_HW_INFO_SELFTEST_REGVAL = 0xdeadbeef;
 
-/** struct mock_iommu_domain: a paging domain with the selftest geometry. */
+const PERM_R = 1;
+const PERM_W = 2;
+const MOCK_PAGE_BYTES = Number(MOCK_IO_PAGE_SIZE);
+
+/**
+ * struct mock_iommu_domain: a paging domain with the selftest geometry and a
+ * flat table at MOCK_IO_PAGE_SIZE granularity (the mock's xarray of PFNs):
+ * IOVA page -> host page * 4 + permissions.
+ */
 class MockPagingDomain implements PagingDomain {
   readonly type = "paging";
   readonly aperture = MOCK_APERTURE;
   readonly pgsizeMin = MOCK_IO_PAGE_SIZE;
+  readonly pfns = new Map<number, number>();
 
   constructor(
     readonly dirtyTracking: boolean,
     readonly nestParent: boolean,
   ) {}
 
-  map(_iova: bigint, _hostAddr: bigint, _length: bigint, _prot: IommuProt, _largePages: boolean): void {}
+  map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, _largePages: boolean): void {
+    const first = Number(iova / MOCK_IO_PAGE_SIZE);
+    const host = Number(hostAddr / MOCK_IO_PAGE_SIZE);
+    const perm = (prot.read ? PERM_R : 0) | (prot.write ? PERM_W : 0);
+    for (let i = 0; i < Number(length / MOCK_IO_PAGE_SIZE); i++) this.pfns.set(first + i, (host + i) * 4 + perm);
+  }
 
-  unmap(_iova: bigint, _length: bigint): void {}
+  unmap(iova: bigint, length: bigint): void {
+    const first = Number(iova / MOCK_IO_PAGE_SIZE);
+    for (let i = 0; i < Number(length / MOCK_IO_PAGE_SIZE); i++) this.pfns.delete(first + i);
+  }
+
+  free(): void {}
 }
 
 /**
@@ -95,10 +116,14 @@ class MockNestedDomain implements NestedDomain {
     }
     return processed;
   }
+
+  free(): void {}
 }
 
 export class MockDriver implements IommuDriver {
   readonly pasidWidth = MOCK_PASID_WIDTH;
+  /** The mock has no IOTLB. */
+  readonly iotlbOccupancy = 0;
   /** mdev->pasid_1024_fake_error, per device. */
   private readonly pasidFakeError = new WeakSet<DeviceInfo>();
 
@@ -154,6 +179,31 @@ export class MockDriver implements IommuDriver {
     const view = new DataView(new ArrayBuffer(8));
     view.setUint32(4, IOMMU_HW_INFO_SELFTEST_REGVAL, true);
     return { type: IOMMU_HW_INFO_TYPE_SELFTEST, data: new Uint8Array(view.buffer) };
+  }
+
+  /**
+   * DMA through a mock domain: one lookup in the paging table (a nested
+   * domain's stage 1 is the identity over its parent's). The mock has no
+   * IOTLB, so every access is a miss that reads one entry.
+   */
+  translate(domain: IommuDomain, _pasid: number, batch: DmaBatch): void {
+    const table = (domain.type === "paging" ? domain : domain.parent) as MockPagingDomain;
+    batch.mode = domain.type === "paging" ? "stage2" : "nested";
+    const { iovaLo, iovaHi, addr, refs, fault, write } = batch;
+    for (let i = 0; i < iovaLo.length; i++) {
+      batch.misses++;
+      refs[i] = 1;
+      batch.references++;
+      const entry = iovaHi[i] === 0 ? table.pfns.get(Math.floor(iovaLo[i] / MOCK_PAGE_BYTES)) : undefined;
+      const code =
+        entry === undefined ? FAULT.S2_NOT_PRESENT : write && !(entry & PERM_W) ? FAULT.NO_WRITE : !write && !(entry & PERM_R) ? FAULT.NO_READ : 0;
+      if (code !== 0) {
+        fault[i] = code;
+        batch.faults++;
+      } else {
+        addr[i] = Math.floor(entry! / 4) * MOCK_PAGE_BYTES + (iovaLo[i] % MOCK_PAGE_BYTES);
+      }
+    }
   }
 
   /** IOMMU_TEST_OP_MD_CHECK_IOTLB reads a mock nested domain's iotlb values. */

@@ -1,136 +1,65 @@
-import { fail, IommuError } from "../../errno.js";
-import { hex, type IovaRange, U64_MAX } from "../../iova.js";
+import { fail } from "../../errno.js";
+import type { GuestMemory } from "../../guest-memory.js";
+import type { DmaBatch } from "../../translate/dma-batch.js";
 import {
-  copyStructFromUserArray,
   IOMMU_HW_INFO_TYPE_DEFAULT,
   IOMMU_HW_INFO_TYPE_INTEL_VTD,
   IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17,
   IOMMU_HWPT_DATA_VTD_S1,
-  IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
-  IOMMU_VTD_INV_FLAGS_LEAF,
   IOMMU_VTD_S1_EAFE,
   IOMMU_VTD_S1_SRE,
-  type UserDataArray,
 } from "../../uapi.js";
 import type {
   DeviceInfo,
   HwptAllocFlags,
   IommuDomain,
   IommuDriver,
-  IommuProt,
   IotlbDump,
+  IotlbEntryInfo,
   NestedDomain,
   PagingDomain,
   UserData,
 } from "../driver.js";
 import { CAP_FL5LP, ECAP_EAFS, ECAP_SRS, type VtdCaps, vtdCaps } from "./caps.js";
-import { type PsiRange, userInvalidationRange } from "./psi.js";
+import { VtdNestedDomain, VtdPagingDomain, type VtdS1Config } from "./domains.js";
+import { VtdCaches } from "./vtd-caches.js";
+import { PERM_R, PERM_W, VtdWalker } from "./walker.js";
 
 /**
  * The emulated Intel VT-d in scalable mode (drivers/iommu/intel/): paging
  * domains are second-stage tables; nested domains put a guest first stage on
- * top of a nest-parent second stage.
+ * top of a nest-parent second stage. One instance per VM: one emulated unit
+ * with its IOTLB and paging-structure caches.
  */
 
 /** ECAP.PSS + 1: 20-bit PASIDs. */
 export const VTD_PASID_WIDTH = 20;
-export const VTD_PAGE_SIZE = 4096n;
 
 export interface VtdConfig {
   /** CAP.FL5LP and 5-level (57-bit) second-stage tables. */
   readonly fiveLevel: boolean;
-}
-
-/** The stage-1 configuration of a nested domain (struct iommu_hwpt_vtd_s1). */
-export interface VtdS1Config {
-  /** IOMMU_VTD_S1_SRE / _EAFE / _WPE (and any other bits, unvalidated). */
-  readonly flags: bigint;
-  /** FSPTPTR: the guest physical address of the stage-1 root table. */
-  readonly pgtblAddr: bigint;
-  readonly addrWidth: number;
-}
-
-/** Where nested-domain invalidations land: the emulated IOTLB and PSCs. */
-export interface VtdCacheFlusher {
-  /** Drop what `domain` caches for inputs in `range`; leaf = keep paging-structure caches (IH = 1). */
-  flushNested(domain: VtdNestedDomain, range: PsiRange, leaf: boolean): void;
-}
-
-/** A second-stage paging domain (struct dmar_domain with use_first_level = false). */
-export class VtdPagingDomain implements PagingDomain {
-  readonly type = "paging";
-  readonly pgsizeMin = VTD_PAGE_SIZE;
-  readonly aperture: IovaRange;
-
-  constructor(
-    readonly addressWidth: number,
-    readonly dirtyTracking: boolean,
-    readonly nestParent: boolean,
-  ) {
-    // domain->geometry.aperture_end = __DOMAIN_MAX_ADDR(gaw)
-    this.aperture = { start: 0n, last: (1n << BigInt(addressWidth)) - 1n };
-  }
-
-  map(iova: bigint, _hostAddr: bigint, _length: bigint, prot: IommuProt, _largePages: boolean): void {
-    // IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17: read-only mappings are refused
-    // in a domain that serves as a nest parent (intel_iommu_map()).
-    if (this.nestParent && !prot.write) {
-      fail("EINVAL", `read-only mapping at ${hex(iova)} refused by a VT-d nest-parent domain (ERRATA_772415_SPR17)`);
-    }
-  }
-
-  unmap(_iova: bigint, _length: bigint): void {}
-}
-
-/** A nested domain: the guest's first stage (PGTT = 011b) over a nest parent. */
-export class VtdNestedDomain implements NestedDomain {
-  readonly type = "nested";
-
-  constructor(
-    readonly parent: VtdPagingDomain,
-    readonly s1: VtdS1Config,
-    private readonly caches: VtdCacheFlusher,
-  ) {}
-
-  /** intel_nested_cache_invalidate_user() */
-  cacheInvalidateUser(array: UserDataArray): number {
-    if (array.type !== IOMMU_HWPT_INVALIDATE_DATA_VTD_S1) {
-      throw new IommuError("EINVAL", `invalidation data_type ${array.type} is not IOMMU_HWPT_INVALIDATE_DATA_VTD_S1`, 0);
-    }
-    let processed = 0;
-    try {
-      for (let i = 0; i < array.entryNum; i++) {
-        // struct iommu_hwpt_vtd_s1_invalidate, min_last __reserved: exactly 24 bytes
-        const inv = copyStructFromUserArray(array, IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, i, 24, 24);
-        const addr = inv.getBigUint64(0, true);
-        const npages = inv.getBigUint64(8, true);
-        const flags = inv.getUint32(16, true);
-        if (flags & ~IOMMU_VTD_INV_FLAGS_LEAF || inv.getUint32(20, true) !== 0) {
-          fail("EOPNOTSUPP", `entry ${i}: unknown flags 0x${flags.toString(16)} or non-zero __reserved`);
-        }
-        if (addr % VTD_PAGE_SIZE !== 0n || (npages === U64_MAX && addr !== 0n)) {
-          fail("EINVAL", `entry ${i}: addr ${hex(addr)} is not 4 KiB aligned, or npages U64_MAX with addr != 0`);
-        }
-        this.caches.flushNested(this, userInvalidationRange(addr, npages), (flags & IOMMU_VTD_INV_FLAGS_LEAF) !== 0);
-        processed++;
-      }
-    } catch (e) {
-      if (e instanceof IommuError) throw new IommuError(e.errno, e.message, processed);
-      throw e;
-    }
-    return processed;
-  }
+  /** IOTLB capacity in translations (0 disables it). */
+  readonly iotlbEntries: number;
+  readonly pagingStructureCaches: boolean;
 }
 
 export class VtdDriver implements IommuDriver {
   readonly pasidWidth = VTD_PASID_WIDTH;
   readonly caps: VtdCaps;
+  readonly caches: VtdCaches;
+  private readonly walker: VtdWalker;
 
   constructor(
     readonly config: VtdConfig,
-    private readonly caches: VtdCacheFlusher,
+    memory: GuestMemory,
   ) {
     this.caps = vtdCaps(config.fiveLevel);
+    this.caches = new VtdCaches(config.iotlbEntries, config.pagingStructureCaches);
+    this.walker = new VtdWalker(memory, this.caches);
+  }
+
+  get iotlbOccupancy(): number {
+    return this.caches.iotlb.size;
   }
 
   /** The second-stage input width: SAGAW 4-level (48) or 5-level (57). */
@@ -141,7 +70,7 @@ export class VtdDriver implements IommuDriver {
   /** intel_iommu_domain_alloc_paging_flags(): no user data for a paging domain. */
   allocPaging(_dev: DeviceInfo, flags: HwptAllocFlags, userData: UserData | undefined): PagingDomain {
     if (userData !== undefined) fail("EOPNOTSUPP", "VT-d takes no user data for a paging domain");
-    return new VtdPagingDomain(this.addressWidth, flags.dirtyTracking, flags.nestParent);
+    return new VtdPagingDomain(this.caches, this.addressWidth, flags.dirtyTracking, flags.nestParent);
   }
 
   /**
@@ -194,7 +123,27 @@ export class VtdDriver implements IommuDriver {
     return { type: IOMMU_HW_INFO_TYPE_INTEL_VTD, data: new Uint8Array(view.buffer) };
   }
 
-  dumpIotlb(_domain: IommuDomain): IotlbDump {
-    return { selftestIotlb: [], entries: [] };
+  /** The IOTLB entries tagged with the domain, for every PASID it serves. */
+  dumpIotlb(domain: IommuDomain): IotlbDump {
+    const iotlb = this.caches.iotlb;
+    const entries: IotlbEntryInfo[] = [];
+    for (const [pasid, tag] of (domain as VtdPagingDomain | VtdNestedDomain).tags) {
+      for (const e of iotlb.entriesOf(tag)) {
+        entries.push({
+          iova: iotlb.inputAddress(e),
+          pageSize: 1n << BigInt(iotlb.shifts[iotlb.cls[e]]),
+          address: BigInt(iotlb.addr[e]),
+          readable: (iotlb.perm[e] & PERM_R) !== 0,
+          writeable: (iotlb.perm[e] & PERM_W) !== 0,
+          pasid: pasid === 0 ? undefined : pasid,
+        });
+      }
+    }
+    entries.sort((a, b) => (a.iova < b.iova ? -1 : a.iova > b.iova ? 1 : (a.pasid ?? -1) - (b.pasid ?? -1)));
+    return { selftestIotlb: [], entries };
+  }
+
+  translate(domain: IommuDomain, pasid: number, batch: DmaBatch): void {
+    this.walker.translate(domain as VtdPagingDomain | VtdNestedDomain, pasid, batch);
   }
 }

@@ -1,0 +1,53 @@
+/**
+ * One Translate request: the device's accesses in, per-access results out.
+ * Inputs are u64 IOVAs as u32 halves; outputs are typed arrays filled by the
+ * driver, plus counters — nothing is allocated per access.
+ */
+export type WalkMode = "nested" | "stage2" | "blocked";
+
+export class DmaBatch {
+  /** Host address per access (offset into guest RAM); 0 when it faulted. */
+  readonly addr: Float64Array;
+  /** Page-table entries read per access; 0 on an IOTLB hit. */
+  readonly refs: Uint32Array;
+  /** Fault reason per access; 0 when it translated. */
+  readonly fault: Uint8Array;
+  hits = 0;
+  misses = 0;
+  faults = 0;
+  /** Total entries read by the walks of this batch. */
+  references = 0;
+  mode: WalkMode = "blocked";
+
+  constructor(
+    readonly iovaLo: Uint32Array,
+    readonly iovaHi: Uint32Array,
+    readonly write: boolean,
+  ) {
+    const n = iovaLo.length;
+    this.addr = new Float64Array(n);
+    this.refs = new Uint32Array(n);
+    this.fault = new Uint8Array(n);
+  }
+
+  get count(): number {
+    return this.iovaLo.length;
+  }
+
+  /** Every access faults with `reason` (no walk, neither hit nor miss). */
+  faultAll(reason: number): void {
+    this.fault.fill(reason);
+    this.faults += this.count;
+  }
+
+  /** A batch from bigint IOVAs (the API edge; not the hot path). */
+  static fromIovas(iovas: readonly bigint[], write: boolean): DmaBatch {
+    const lo = new Uint32Array(iovas.length);
+    const hi = new Uint32Array(iovas.length);
+    for (let i = 0; i < iovas.length; i++) {
+      lo[i] = Number(iovas[i] & 0xffffffffn);
+      hi[i] = Number((iovas[i] >> 32n) & 0xffffffffn);
+    }
+    return new DmaBatch(lo, hi, write);
+  }
+}
