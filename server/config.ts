@@ -62,16 +62,19 @@ export function loadConfig(argv: string[], env: NodeJS.ProcessEnv): Config | und
     strict: true,
   });
   if (values.help) return undefined;
-  const pick = (flag: string | undefined, name: string): string | undefined => flag ?? env[name];
-  const listen = pick(values.listen, "IOMMUFD_LISTEN");
-  const metricsListen = pick(values["metrics-listen"], "IOMMUFD_METRICS_LISTEN");
-  const maxMessageBytes = pick(values["max-message-bytes"], "IOMMUFD_MAX_MESSAGE_BYTES");
-  const drainTimeoutMs = pick(values["drain-timeout-ms"], "IOMMUFD_DRAIN_TIMEOUT_MS");
+  // A setting comes from its flag, else its env variable; errors name the source.
+  const pick = <T>(flag: keyof typeof values, envName: string, parse: (value: string, what: string) => T, fallback: T): T => {
+    const fromFlag = values[flag] as string | undefined;
+    if (fromFlag !== undefined) return parse(fromFlag, `--${flag}`);
+    const fromEnv = env[envName];
+    return fromEnv === undefined ? fallback : parse(fromEnv, envName);
+  };
+  const text = (value: string) => value;
   return {
-    listen: listen === undefined ? DEFAULT_CONFIG.listen : hostPort(listen, "--listen"),
-    metricsListen: metricsListen === undefined ? DEFAULT_CONFIG.metricsListen : hostPort(metricsListen, "--metrics-listen"),
-    logLevel: pick(values["log-level"], "IOMMUFD_LOG_LEVEL") ?? DEFAULT_CONFIG.logLevel,
-    maxMessageBytes: maxMessageBytes === undefined ? DEFAULT_CONFIG.maxMessageBytes : positiveInt(maxMessageBytes, "--max-message-bytes"),
-    drainTimeoutMs: drainTimeoutMs === undefined ? DEFAULT_CONFIG.drainTimeoutMs : positiveInt(drainTimeoutMs, "--drain-timeout-ms"),
+    listen: pick("listen", "IOMMUFD_LISTEN", hostPort, DEFAULT_CONFIG.listen),
+    metricsListen: pick("metrics-listen", "IOMMUFD_METRICS_LISTEN", hostPort, DEFAULT_CONFIG.metricsListen),
+    logLevel: pick("log-level", "IOMMUFD_LOG_LEVEL", text, DEFAULT_CONFIG.logLevel),
+    maxMessageBytes: pick("max-message-bytes", "IOMMUFD_MAX_MESSAGE_BYTES", positiveInt, DEFAULT_CONFIG.maxMessageBytes),
+    drainTimeoutMs: pick("drain-timeout-ms", "IOMMUFD_DRAIN_TIMEOUT_MS", positiveInt, DEFAULT_CONFIG.drainTimeoutMs),
   };
 }

@@ -12,6 +12,7 @@ import type { Config } from "./config.js";
 import { VmRegistry } from "./core/vm.js";
 import { createMetricsRegistry } from "./metrics/registry.js";
 import { reflectionPackage, serviceDefinition, unaryHandlers } from "./rpc/bridge.js";
+import { WatchCalls } from "./rpc/inflight.js";
 import { iommufdServiceImplementation } from "./rpc/service.js";
 import { toStatus } from "./rpc/status.js";
 
@@ -49,9 +50,11 @@ function grpcHost(hostPort: string): string {
 
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
   const vms = new VmRegistry();
+  const watches = new WatchCalls(new Set(["/grpc.health.v1.Health/Watch"]));
   const server = new grpc.Server({
     "grpc.max_receive_message_length": config.maxMessageBytes,
     "grpc.max_send_message_length": config.maxMessageBytes,
+    interceptors: [watches.interceptor],
   });
 
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
@@ -99,21 +102,28 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
 
   let stopping: Promise<void> | undefined;
   const shutdown = () => {
-    stopping ??= new Promise<void>((resolve) => {
+    stopping ??= (async () => {
       draining = true;
       health.setStatus("", "NOT_SERVING");
       health.setStatus(SERVICE_NAME, "NOT_SERVING");
       log.info("draining: no new calls, waiting for in-flight RPCs");
-      const timer = setTimeout(() => {
-        log.warn({ timeoutMs: config.drainTimeoutMs }, "drain timeout: forcing shutdown");
-        server.forceShutdown();
-      }, config.drainTimeoutMs);
-      server.tryShutdown(() => {
-        clearTimeout(timer);
+      // Watchers have been told NOT_SERVING; their streams would hold the
+      // drain open forever, so they end now. Everything else completes.
+      watches.endAll("server is shutting down");
+      let timer: NodeJS.Timeout | undefined;
+      await new Promise<void>((resolve) => {
+        timer = setTimeout(() => {
+          log.warn({ timeoutMs: config.drainTimeoutMs }, "drain timeout: forcing shutdown");
+          server.forceShutdown();
+        }, config.drainTimeoutMs);
+        server.tryShutdown(() => resolve());
+      });
+      clearTimeout(timer);
+      await new Promise<void>((resolve) => {
         http.close(() => resolve());
         http.closeAllConnections();
       });
-    });
+    })();
     return stopping;
   };
 
