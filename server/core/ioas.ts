@@ -38,7 +38,9 @@ export function ioasMap(ctx: IommufdContext, cmd: IoasMapCmd): bigint {
   // iopt_alloc_user_pages()
   if (addU64(cmd.userVa, cmd.length) === undefined) fail("EOVERFLOW", `user_va ${hex(cmd.userVa)} + length ${hex(cmd.length)} overflows`);
   if (cmd.length === 0n || cmd.length > ULONG_MAX - 4096n) fail("EINVAL", `length ${hex(cmd.length)} is invalid`);
-  return ioas.iopt.mapPages([{ hostAddr: cmd.userVa, length: cmd.length, writable: true }], cmd.length, cmd.iova, prot);
+  // The pages are writable only if mapped WRITEABLE (iopt_alloc_user_pages(),
+  // writable = iommu_prot & IOMMU_WRITE); a later COPY inherits that.
+  return ioas.iopt.mapPages([{ hostAddr: cmd.userVa, length: cmd.length, writable: cmd.writeable }], cmd.length, cmd.iova, prot);
 }
 
 export interface IoasCopyCmd {

@@ -27,6 +27,7 @@ export const ECAP_EAFS = 1n << 34n;
 export const ECAP_PSS_SHIFT = 35n; // PASID width - 1
 export const ECAP_PASID = 1n << 40n;
 export const ECAP_SMTS = 1n << 43n;
+export const ECAP_SSADS = 1n << 45n;
 export const ECAP_SSTS = 1n << 46n;
 export const ECAP_FSTS = 1n << 47n;
 export const ECAP_SMPWC = 1n << 48n;
@@ -49,8 +50,9 @@ export interface VtdCaps {
  * The registers of a unit with 4-level (and, with fiveLevel, 5-level)
  * paging: scalable mode with first-stage, second-stage and nested
  * translation, 20-bit PASIDs, page-selective invalidation, 2 MiB/1 GiB pages
- * in both stages, the extended-accessed flag. Not advertised because not
- * honoured: supervisor requests (SRS), second-stage A/D (SSADS), ATS (DT),
+ * in both stages, the extended-accessed flag. SSADS (second-stage A/D, what
+ * dirty tracking needs) is per device: see VtdDriver.hwInfo(). Not
+ * advertised because not honoured: supervisor requests (SRS), ATS (DT),
  * interrupt remapping, pass-through, caching mode.
  */
 export function vtdCaps(fiveLevel: boolean): VtdCaps {

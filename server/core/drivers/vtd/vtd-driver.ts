@@ -20,7 +20,7 @@ import type {
   PagingDomain,
   UserData,
 } from "../driver.js";
-import { CAP_FL5LP, ECAP_EAFS, ECAP_SRS, type VtdCaps, vtdCaps } from "./caps.js";
+import { CAP_FL5LP, ECAP_EAFS, ECAP_SRS, ECAP_SSADS, type VtdCaps, vtdCaps } from "./caps.js";
 import { VtdNestedDomain, VtdPagingDomain, type VtdS1Config } from "./domains.js";
 import { VtdCaches } from "./vtd-caches.js";
 import { PERM_R, PERM_W, VtdWalker } from "./walker.js";
@@ -47,7 +47,7 @@ export class VtdDriver implements IommuDriver {
   readonly pasidWidth = VTD_PASID_WIDTH;
   readonly caps: VtdCaps;
   readonly caches: VtdCaches;
-  private readonly walker: VtdWalker;
+  readonly walker: VtdWalker;
 
   constructor(
     readonly config: VtdConfig,
@@ -111,15 +111,19 @@ export class VtdDriver implements IommuDriver {
 
   detachDev(_dev: DeviceInfo, _pasid: number): void {}
 
-  /** intel_iommu_hw_info(): struct iommu_hw_info_vtd. */
-  hwInfo(_dev: DeviceInfo, type: number): { type: number; data: Uint8Array } {
+  /**
+   * intel_iommu_hw_info(): struct iommu_hw_info_vtd. A device that can track
+   * dirty pages sits behind a unit with second-stage A/D (ECAP.SSADS): that is
+   * where Linux's IOMMU_CAP_DIRTY_TRACKING for VT-d comes from.
+   */
+  hwInfo(dev: DeviceInfo, type: number): { type: number; data: Uint8Array } {
     if (type !== IOMMU_HW_INFO_TYPE_DEFAULT && type !== IOMMU_HW_INFO_TYPE_INTEL_VTD) {
       fail("EOPNOTSUPP", `hw_info type ${type} is not supported by VT-d`);
     }
     const view = new DataView(new ArrayBuffer(24));
     view.setUint32(0, IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17, true);
     view.setBigUint64(8, this.caps.cap, true);
-    view.setBigUint64(16, this.caps.ecap, true);
+    view.setBigUint64(16, this.caps.ecap | (dev.dirtyTrackingCapable ? ECAP_SSADS : 0n), true);
     return { type: IOMMU_HW_INFO_TYPE_INTEL_VTD, data: new Uint8Array(view.buffer) };
   }
 

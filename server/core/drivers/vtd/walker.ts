@@ -89,41 +89,37 @@ export class VtdWalker {
     batch.mode = nested ? "nested" : "stage2";
     const { iovaLo, iovaHi, addr, refs, fault } = batch;
     const write = batch.write;
+    // A cached entry serves a read if readable, a write if writable and
+    // dirty: a write to a clean or read-only entry re-walks (the guest may
+    // have relaxed its tables, and a first write must set the dirty bit).
     const need = write ? PERM_W | PERM_D : PERM_R;
+    let hits = 0;
+    let faults = 0;
+    let references = 0;
     const n = iovaLo.length;
     for (let i = 0; i < n; i++) {
+      const j = iotlb.hitRun(tag, iovaLo, iovaHi, i, need, addr);
+      hits += j - i;
+      i = j;
+      if (i === n) break;
       const lo = iovaLo[i];
       const hi = iovaHi[i];
-      const mask = iotlb.classMask(tag);
-      let e = -1;
-      for (let c = 0; mask >> c !== 0; c++) {
-        if ((mask >> c) & 1) {
-          e = iotlb.lookup(tag, c, lo, hi);
-          if (e >= 0) break;
-        }
-      }
-      // A hit whose rights do not cover the access (a write to a clean or
-      // read-only entry) re-walks: the guest may have relaxed its tables, and
-      // a first write must set the dirty bit.
-      if (e >= 0 && (iotlb.perm[e] & need) === need) {
-        const s = iotlb.shifts[iotlb.cls[e]];
-        addr[i] = iotlb.addr[e] + ((lo & ((1 << s) - 1)) >>> 0);
-        batch.hits++;
-        continue;
-      }
-      batch.misses++;
       const code = nested ? this.walkNested(domain as VtdNestedDomain, tag, lo, hi, write) : this.walkSecondStage(domain as VtdPagingDomain, lo, hi, write);
       refs[i] = this.refs;
-      batch.references += this.refs;
+      references += this.refs;
       if (code !== 0) {
         fault[i] = code;
-        batch.faults++;
+        faults++;
         continue;
       }
       addr[i] = this.hpa;
       const s = this.shift;
       iotlb.insert(tag, (s - 12) / 9, lo, hi, this.hpa - ((lo & ((1 << s) - 1)) >>> 0), this.perm);
     }
+    batch.hits += hits;
+    batch.misses += n - hits;
+    batch.faults += faults;
+    batch.references += references;
   }
 
   /**
@@ -132,47 +128,70 @@ export class VtdWalker {
    * Returns 0 or the fault code for `role`.
    */
   private ssTranslate(table: SecondStageTable, ssTag: number, lo: number, hi: number, role: number): number {
-    const width = table.levels === 5 ? 25 : 16; // input bits above 32: 57 - 32 or 48 - 32
-    if (hi >>> width !== 0) return role === ROLE_DATA ? FAULT.BEYOND_MAX_ADDRESS : FAULT.S1_TABLE_BEYOND_S2;
+    const levels = table.levels;
+    // The input must fit the stage-2 width: 57 - 32 or 48 - 32 bits above bit 31.
+    if (hi >>> (levels === 5 ? 25 : 16) !== 0) return role === ROLE_DATA ? FAULT.BEYOND_MAX_ADDRESS : FAULT.S1_TABLE_BEYOND_S2;
     const cache = ssTag >= 0 ? this.caches.ssCache : null;
     let perm = SS_R | SS_W;
-    found: {
-      if (cache !== null) {
-        const mask = cache.classMask(ssTag);
-        for (let c = 0; mask >> c !== 0; c++) {
-          if (((mask >> c) & 1) === 0) continue;
-          const e = cache.lookup(ssTag, c, lo, hi);
-          if (e >= 0) {
-            const s = cache.shifts[c];
-            this.ssShift = s;
-            this.ssHpa = cache.addr[e] + ((lo & ((1 << s) - 1)) >>> 0);
-            perm = cache.perm[e];
-            break found;
-          }
+    let s = 0;
+    let base = -1;
+    if (cache !== null) {
+      const mask = cache.classMask(ssTag);
+      for (let c = 0; mask >> c !== 0; c++) {
+        if (((mask >> c) & 1) === 0) continue;
+        const e = cache.lookup(ssTag, c, lo, hi);
+        if (e >= 0) {
+          s = 12 + 9 * c;
+          base = cache.addr[e];
+          perm = cache.perm[e];
+          break;
         }
       }
+    }
+    if (base < 0) {
+      // Stage-2 walks are most of a nested walk's work: keep the per-level
+      // step lean (one index expression, the high word read only for the
+      // reserved-bit check).
       const words = table.words;
+      let reads = 0;
       let t = 0;
-      for (let level = table.levels; ; level--) {
-        const w = (t << 10) + (ptIndex(lo, hi, level) << 1);
-        const eLo = words[w];
-        const eHi = words[w + 1];
-        this.refs++;
-        if ((eLo & (SS_R | SS_W)) === 0) return role === ROLE_ROOT ? FAULT.S2_ACCESS_S1_ROOT : FAULT.S2_NOT_PRESENT;
-        const leaf = level === 1 || (eLo & SS_PS) !== 0;
-        if (ssReserved(eLo, eHi, level, leaf)) return FAULT.S2_RESERVED;
+      let eLo = 0;
+      let level = levels;
+      for (;;) {
+        const x =
+          level === 1 ? (lo >>> 12) & 511 : level === 2 ? (lo >>> 21) & 511 : level === 3 ? ((lo >>> 30) | (hi << 2)) & 511 : (hi >>> (level === 4 ? 7 : 16)) & 511;
+        const w = (t << 10) | (x << 1);
+        eLo = words[w];
+        reads++;
+        if ((eLo & (SS_R | SS_W)) === 0) {
+          this.refs += reads;
+          return role === ROLE_ROOT ? FAULT.S2_ACCESS_S1_ROOT : FAULT.S2_NOT_PRESENT;
+        }
         perm &= eLo;
-        if (leaf) {
-          const s = 3 + 9 * level;
-          const base = (eHi & 0xfffff) * TWO_32 + ((eLo & 0xfffff000) >>> 0);
-          this.ssShift = s;
-          this.ssHpa = base + ((lo & ((1 << s) - 1)) >>> 0);
+        if (level === 1 || (eLo & SS_PS) !== 0) {
+          const eHi = words[w + 1];
+          if ((eHi & SS_HI_RESERVED) !== 0 || (eLo & ssReservedLo(level, true)) !== 0) {
+            this.refs += reads;
+            return FAULT.S2_RESERVED;
+          }
+          s = 3 + 9 * level;
+          base = (eHi & 0xfffff) * TWO_32 + ((eLo & 0xfffff000) >>> 0);
           cache?.insert(ssTag, level - 1, lo, hi, base, perm & (SS_R | SS_W));
           break;
         }
+        // A non-leaf entry (PS above level 3 took the leaf path and faults
+        // there): only TM, bit 62, can be reserved.
+        if ((words[w + 1] & SS_HI_RESERVED) !== 0) {
+          this.refs += reads;
+          return FAULT.S2_RESERVED;
+        }
         t = eLo >>> 12;
+        level--;
       }
+      this.refs += reads;
     }
+    this.ssShift = s;
+    this.ssHpa = base + ((lo & ((1 << s) - 1)) >>> 0);
     this.ssPerm = perm;
     if (role !== ROLE_DATA && (perm & SS_R) === 0) return role === ROLE_ROOT ? FAULT.S2_NO_READ_S1_ROOT : FAULT.S2_NO_READ_S1_TABLE;
     return 0;
@@ -308,10 +327,12 @@ function fsReserved(lo: number, hi: number, level: number, leaf: boolean, hawHi:
   return (lo & (level === 2 ? 0x1fe000 : 0x3fffe000)) !== 0;
 }
 
-/** Second-stage reserved bits (QEMU's masks): PS above level 3, superpage address bits, TM (62). */
-function ssReserved(lo: number, hi: number, level: number, leaf: boolean): boolean {
-  if ((hi & 0x40000000) !== 0) return true;
-  if (level >= 4) return (lo & SS_PS) !== 0;
-  if (!leaf || level === 1) return false;
-  return (lo & (level === 2 ? 0x1ff000 : 0x3ffff000)) !== 0;
+/** Second-stage reserved bits above the address (QEMU's masks): TM (bit 62). */
+const SS_HI_RESERVED = 0x40000000;
+
+/** Second-stage reserved bits in the low word (QEMU's masks): PS above level 3, a superpage's unused address bits. */
+function ssReservedLo(level: number, leaf: boolean): number {
+  if (level >= 4) return SS_PS;
+  if (!leaf || level === 1) return 0;
+  return level === 2 ? 0x1ff000 : 0x3ffff000;
 }
