@@ -29,9 +29,15 @@ const targets: Record<string, (r: Result) => boolean> = {
   invalidate_domain: (r) => r.value <= 50,
 };
 
+// Each scenario starts on a collected heap, so one scenario's garbage does not
+// land in the next one's latency percentiles (npm run bench passes --expose-gc).
+const gc = (globalThis as { gc?: () => void }).gc;
+if (gc === undefined) console.error("note: run with node --expose-gc for isolated latency percentiles");
+
 const results: Result[] = [];
 for (const [name, run] of scenarios) {
   if (only !== undefined && name !== only) continue;
+  gc?.();
   for (const r of run()) {
     r.ratio = r.value / r.ceiling;
     r.ok = targets[name](r);

@@ -125,6 +125,7 @@ export function copyStructFromUserArray(array: UserDataArray, type: number, inde
   if (array.entryLen < minLen || array.entryLen > size) fail("EINVAL", `entry_len ${array.entryLen} is not in [${minLen}, ${size}]`);
   const offset = index * array.entryLen;
   if (offset + array.entryLen > array.data.length) fail("EFAULT", `entry ${index} lies beyond the end of the data (${array.data.length} bytes)`);
+  if (array.entryLen === size) return new DataView(array.data.buffer, array.data.byteOffset + offset, size);
   const entry = new Uint8Array(size);
   entry.set(array.data.subarray(offset, offset + array.entryLen));
   return new DataView(entry.buffer);

@@ -5,7 +5,7 @@
  */
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { FLUSH_ALL, flushRange, MAX_AGAW_PFN_WIDTH, psiAlignedAddress, userInvalidationRange } from "../../server/core/drivers/vtd/psi.js";
+import { FLUSH_ALL, flushRange, MAX_AGAW_PFN_WIDTH, psiAlignedAddress, userInvalidationBlock, userInvalidationRange } from "../../server/core/drivers/vtd/psi.js";
 
 const U64_MAX = (1n << 64n) - 1n;
 const PAGE = 4096n;
@@ -83,5 +83,26 @@ describe("flushRange / userInvalidationRange (vtd.md §4.3–§4.4)", () => {
 
   it("2^52 pages from 0 (the largest AM) is everything", () => {
     expect(userInvalidationRange(0n, 1n << 52n)).toEqual(FLUSH_ALL);
+  });
+});
+
+describe("userInvalidationBlock: the invalidation path's number arithmetic", () => {
+  it("flushes exactly the block userInvalidationRange (the kernel's u64 arithmetic) names, for aligned entries", () => {
+    fc.assert(
+      fc.property(fc.bigInt({ min: 0n, max: (1n << 40n) - 1n }), fc.bigInt({ min: 1n, max: 1n << 41n }), (pfn, npages) => {
+        const exact = userInvalidationRange(pfn << 12n, npages);
+        const block = userInvalidationBlock(Number(pfn), Number(npages));
+        if (exact.mask >= MAX_AGAW_PFN_WIDTH) expect(block.mask).toBeGreaterThanOrEqual(MAX_AGAW_PFN_WIDTH);
+        else expect(block).toEqual({ pfn: Number(exact.addr >> 12n), mask: exact.mask });
+      }),
+      { numRuns: 2000, seed: 42 },
+    );
+  });
+
+  it("treats npages beyond the address space (and npages 0, which wraps) as everything", () => {
+    expect(userInvalidationBlock(0, Infinity).mask).toBe(MAX_AGAW_PFN_WIDTH);
+    expect(userInvalidationBlock(5, 0).mask).toBe(MAX_AGAW_PFN_WIDTH);
+    expect(userInvalidationBlock(0, 2 ** 52).mask).toBe(MAX_AGAW_PFN_WIDTH);
+    expect(userInvalidationBlock(2 ** 51, 2 ** 51)).toEqual({ pfn: 2 ** 51, mask: 51 });
   });
 });

@@ -1,5 +1,5 @@
 import { fail, IommuError } from "../../errno.js";
-import { hex, type IovaRange, U64_MAX } from "../../iova.js";
+import { hex, type IovaRange } from "../../iova.js";
 import {
   copyStructFromUserArray,
   IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
@@ -8,7 +8,7 @@ import {
   type UserDataArray,
 } from "../../uapi.js";
 import type { IommuProt, NestedDomain, PagingDomain } from "../driver.js";
-import { userInvalidationRange } from "./psi.js";
+import { userInvalidationBlock } from "./psi.js";
 import { SecondStageTable } from "./second-stage.js";
 import type { TaggedDomain, TaggedParent, VtdCaches } from "./vtd-caches.js";
 
@@ -103,16 +103,22 @@ export class VtdNestedDomain implements NestedDomain, TaggedDomain {
       for (let i = 0; i < array.entryNum; i++) {
         // struct iommu_hwpt_vtd_s1_invalidate, min_last __reserved: exactly 24 bytes
         const inv = copyStructFromUserArray(array, IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, i, 24, 24);
-        const addr = inv.getBigUint64(0, true);
-        const npages = inv.getBigUint64(8, true);
+        const addrLo = inv.getUint32(0, true);
+        const addrHi = inv.getUint32(4, true);
+        const npagesLo = inv.getUint32(8, true);
+        const npagesHi = inv.getUint32(12, true);
         const flags = inv.getUint32(16, true);
         if (flags & ~IOMMU_VTD_INV_FLAGS_LEAF || inv.getUint32(20, true) !== 0) {
           fail("EOPNOTSUPP", `entry ${i}: unknown flags 0x${flags.toString(16)} or non-zero __reserved`);
         }
-        if (addr % VTD_PAGE_SIZE !== 0n || (npages === U64_MAX && addr !== 0n)) {
-          fail("EINVAL", `entry ${i}: addr ${hex(addr)} is not 4 KiB aligned, or npages U64_MAX with addr != 0`);
+        const all = npagesLo === 0xffffffff && npagesHi === 0xffffffff;
+        if ((addrLo & 0xfff) !== 0 || (all && (addrLo | addrHi) !== 0)) {
+          fail("EINVAL", `entry ${i}: addr is not 4 KiB aligned, or npages U64_MAX with addr != 0`);
         }
-        this.caches.flushNested(this, userInvalidationRange(addr, npages), (flags & IOMMU_VTD_INV_FLAGS_LEAF) !== 0);
+        // [addr, addr + npages * 4 KiB), in pages: exact as numbers below 2^52.
+        const pfn = addrHi * 2 ** 20 + (addrLo >>> 12);
+        const npages = npagesHi >= 2 ** 20 ? Infinity : npagesHi * 2 ** 32 + npagesLo;
+        this.caches.flushNested(this, userInvalidationBlock(pfn, npages), (flags & IOMMU_VTD_INV_FLAGS_LEAF) !== 0);
         processed++;
       }
     } catch (e) {

@@ -67,3 +67,30 @@ export function flushRange(start: bigint, end: bigint): PsiRange {
 export function userInvalidationRange(addr: bigint, npages: bigint): PsiRange {
   return flushRange(addr, u64(addr + u64(npages << VTD_PAGE_SHIFT) - 1n));
 }
+
+/** A PSI block in page numbers: pages [pfn, pfn + 2^mask); mask >= MAX_AGAW_PFN_WIDTH = everything. */
+export interface PsiBlock {
+  readonly pfn: number;
+  readonly mask: number;
+}
+
+const ALL_PAGES: PsiBlock = { pfn: 0, mask: MAX_AGAW_PFN_WIDTH };
+
+/**
+ * userInvalidationRange() for a 4 KiB aligned entry, in numbers rather than
+ * BigInt (the invalidation path): the smallest naturally aligned
+ * power-of-two block of pages holding [pfn, pfn + npages) — what
+ * calculate_psi_aligned_address() arrives at, since within one such block
+ * the two ends can only differ below it. Ranges reaching 2^52 pages (the
+ * whole address space, or a u64 wrap) flush everything, as the kernel's
+ * mask 52 does.
+ */
+export function userInvalidationBlock(pfn: number, npages: number): PsiBlock {
+  const last = pfn + npages - 1;
+  if (npages === 0 || last >= 2 ** MAX_AGAW_PFN_WIDTH) return ALL_PAGES;
+  let mask = 0;
+  while (2 ** mask < npages) mask++;
+  while (mask < MAX_AGAW_PFN_WIDTH && Math.floor(pfn / 2 ** mask) !== Math.floor(last / 2 ** mask)) mask++;
+  if (mask >= MAX_AGAW_PFN_WIDTH) return ALL_PAGES;
+  return { pfn: Math.floor(pfn / 2 ** mask) * 2 ** mask, mask };
+}

@@ -1,5 +1,5 @@
 import { TranslationCache } from "../../translate/translation-cache.js";
-import { MAX_AGAW_PFN_WIDTH, type PsiRange } from "./psi.js";
+import { MAX_AGAW_PFN_WIDTH, type PsiBlock } from "./psi.js";
 
 /**
  * The caches of one emulated VT-d unit (vtd.md §4.1), tagged the way the
@@ -66,12 +66,9 @@ export class VtdCaches {
    * drop its IOTLB entries in the range, and with IH = 0 (not leaf-only) its
    * first-stage paging-structure caches as well.
    */
-  flushNested(domain: TaggedDomain, range: PsiRange, leaf: boolean): void {
+  flushNested(domain: TaggedDomain, block: PsiBlock, leaf: boolean): void {
     for (const tag of domain.tags.values()) {
-      this.iotlbDropped +=
-        range.mask >= MAX_AGAW_PFN_WIDTH
-          ? this.iotlb.flushTag(tag)
-          : this.iotlb.flushTagRange(tag, Number(range.addr >> 12n), 2 ** range.mask);
+      this.iotlbDropped += block.mask >= MAX_AGAW_PFN_WIDTH ? this.iotlb.flushTag(tag) : this.iotlb.flushTagRange(tag, block.pfn, 2 ** block.mask);
       if (!leaf) this.fsPsc?.flushTag(tag);
     }
   }
