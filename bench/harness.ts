@@ -13,6 +13,8 @@ export interface Result {
   target: string;
   /** Whether the target holds in this run. */
   ok?: boolean;
+  /** Reported for context; the target belongs to the scenario's main row. */
+  informational?: boolean;
 }
 
 /** Items per second of `fn` (which handles `items` items per call) over about budgetMs, after a warm-up. */

@@ -72,6 +72,9 @@ export function walkRefsExact(): Result[] {
 /** Mean references per IOTLB miss for a sequential 4 KiB stride over 1 GiB. */
 export function walkRefsCached(): Result[] {
   const run = (name: string, hugePages: boolean): Result => {
+    // The default (HUGE_PAGES 1) maps stage 2 with 1 GiB/2 MiB leaves; the
+    // 4 KiB variant shows the cost when every data page needs its own
+    // stage-2 walk (the second-stage cache holds leaf translations only).
     const f = nestedFixture(`refs-cached${name.replaceAll("_", "-")}`, { pagingStructureCaches: true, hugePages });
     const pages = GIB / 4096;
     map4k(f, pages);
@@ -85,7 +88,7 @@ export function walkRefsCached(): Result[] {
       refs += batch.references;
       misses += batch.misses;
     }
-    return { scenario: `walk_refs_cached${name}`, value: refs / misses, unit: "refs/miss", ceiling: 5, target: "≤ 5" };
+    return { scenario: `walk_refs_cached${name}`, value: refs / misses, unit: "refs/miss", ceiling: 5, target: "≤ 5", informational: !hugePages };
   };
   return [run("", true), run("_4k_s2", false)];
 }
