@@ -11,6 +11,8 @@ export interface Config {
   readonly maxMessageBytes: number;
   /** How long SIGTERM waits for in-flight RPCs before forcing the shutdown. */
   readonly drainTimeoutMs: number;
+  /** VMs with their own `vm` label in metrics; the rest are summed under vm="_other". */
+  readonly metricsVmLabelCap: number;
 }
 
 export const DEFAULT_CONFIG: Config = {
@@ -21,6 +23,7 @@ export const DEFAULT_CONFIG: Config = {
   // enough that one request cannot balloon the process.
   maxMessageBytes: 16 * 1024 * 1024,
   drainTimeoutMs: 10_000,
+  metricsVmLabelCap: 1000,
 };
 
 export const USAGE = `usage: iommufd-service [options]
@@ -29,6 +32,7 @@ export const USAGE = `usage: iommufd-service [options]
   --log-level LEVEL           pino level: trace debug info warn error (env IOMMUFD_LOG_LEVEL, default info)
   --max-message-bytes N       largest gRPC message (env IOMMUFD_MAX_MESSAGE_BYTES, default ${DEFAULT_CONFIG.maxMessageBytes})
   --drain-timeout-ms N        SIGTERM grace period (env IOMMUFD_DRAIN_TIMEOUT_MS, default ${DEFAULT_CONFIG.drainTimeoutMs})
+  --metrics-vm-label-cap N    VMs with their own vm label; the rest are vm="_other" (env IOMMUFD_METRICS_VM_LABEL_CAP, default ${DEFAULT_CONFIG.metricsVmLabelCap})
   --help                      this text`;
 
 const HOST_PORT = /^(\[[0-9a-fA-F:.]+\]|[^\s:]+):(\d{1,5})$/;
@@ -57,6 +61,7 @@ export function loadConfig(argv: string[], env: NodeJS.ProcessEnv): Config | und
       "log-level": { type: "string" },
       "max-message-bytes": { type: "string" },
       "drain-timeout-ms": { type: "string" },
+      "metrics-vm-label-cap": { type: "string" },
       help: { type: "boolean" },
     },
     strict: true,
@@ -76,5 +81,6 @@ export function loadConfig(argv: string[], env: NodeJS.ProcessEnv): Config | und
     logLevel: pick("log-level", "IOMMUFD_LOG_LEVEL", text, DEFAULT_CONFIG.logLevel),
     maxMessageBytes: pick("max-message-bytes", "IOMMUFD_MAX_MESSAGE_BYTES", positiveInt, DEFAULT_CONFIG.maxMessageBytes),
     drainTimeoutMs: pick("drain-timeout-ms", "IOMMUFD_DRAIN_TIMEOUT_MS", positiveInt, DEFAULT_CONFIG.drainTimeoutMs),
+    metricsVmLabelCap: pick("metrics-vm-label-cap", "IOMMUFD_METRICS_VM_LABEL_CAP", positiveInt, DEFAULT_CONFIG.metricsVmLabelCap),
   };
 }

@@ -10,7 +10,7 @@ import { file_grpc_health_v1_health } from "../gen/grpc/health/v1/health_pb.js";
 import { file_iommufd_v1_service, IommufdService } from "../gen/iommufd/v1/service_pb.js";
 import type { Config } from "./config.js";
 import { VmRegistry } from "./core/vm.js";
-import { createMetricsRegistry } from "./metrics/registry.js";
+import { createMetrics } from "./metrics/registry.js";
 import { reflectionPackage, serviceDefinition, unaryHandlers } from "./rpc/bridge.js";
 import { WatchCalls } from "./rpc/inflight.js";
 import { iommufdServiceImplementation } from "./rpc/service.js";
@@ -50,11 +50,12 @@ function grpcHost(hostPort: string): string {
 
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
   const vms = new VmRegistry();
+  const { registry: metrics, grpcInterceptor } = createMetrics(vms, { vmLabelCap: config.metricsVmLabelCap });
   const watches = new WatchCalls(new Set(["/grpc.health.v1.Health/Watch"]));
   const server = new grpc.Server({
     "grpc.max_receive_message_length": config.maxMessageBytes,
     "grpc.max_send_message_length": config.maxMessageBytes,
-    interceptors: [watches.interceptor],
+    interceptors: [grpcInterceptor, watches.interceptor],
   });
 
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
@@ -73,7 +74,6 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   );
   const address = `${grpcHost(config.listen)}:${port}`;
 
-  const metrics = createMetricsRegistry(vms);
   let draining = false;
   const http = createHttpServer((req, res) => {
     if (req.method === "GET" && req.url === "/metrics") {

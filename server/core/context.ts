@@ -2,6 +2,7 @@ import type { IommuDriver } from "./drivers/driver.js";
 import { fail } from "./errno.js";
 import type { GuestMemory } from "./guest-memory.js";
 import { IdAllocator } from "./id-allocator.js";
+import { WALK_DEPTH_BOUNDS } from "./translate/dma-batch.js";
 import { Device, Ioas, type IommufdObject, type ObjectType } from "./objects.js";
 
 /** Per-VM counters, plain numbers the metrics read at scrape time. */
@@ -13,6 +14,43 @@ export interface VmStats {
   faults: number;
   /** IOMMU_HWPT_INVALIDATE entries handled, by failed requests too. */
   invalidationEntries: number;
+  /** Faults per VT-d reason code. */
+  readonly faultsByReason: Float64Array;
+  /** Walks per walk-depth bucket (WALK_DEPTH_BOUNDS, then +Inf), per walk mode. */
+  readonly walkDepth: Record<"nested" | "stage2", Float64Array>;
+  /** Entries read by all walks, per walk mode (the histogram's sum). */
+  readonly walkDepthSum: Record<"nested" | "stage2", number>;
+  /** Invalidate requests per duration bucket (INVALIDATION_SECONDS_BOUNDS, then +Inf), per data type. */
+  readonly invalidationSeconds: Record<InvalidationDataType, Float64Array>;
+  /** Total seconds of Invalidate requests, per data type. */
+  readonly invalidationSecondsSum: Record<InvalidationDataType, number>;
+}
+
+/** The invalidation data types, named as the metrics label. */
+export type InvalidationDataType = "vtd_s1" | "selftest" | "arm_smmuv3" | "other";
+export const INVALIDATION_DATA_TYPES: readonly InvalidationDataType[] = ["vtd_s1", "selftest", "arm_smmuv3", "other"];
+/** Upper bounds (seconds) of the invalidation-duration histogram: 1 µs to 10 ms. */
+export const INVALIDATION_SECONDS_BOUNDS = [1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2] as const;
+
+function perDataType<T>(make: () => T): Record<InvalidationDataType, T> {
+  return { vtd_s1: make(), selftest: make(), arm_smmuv3: make(), other: make() };
+}
+
+function newStats(): VmStats {
+  const buckets = () => new Float64Array(WALK_DEPTH_BOUNDS.length + 1);
+  return {
+    translations: 0,
+    iotlbHits: 0,
+    iotlbMisses: 0,
+    memoryReferences: 0,
+    faults: 0,
+    invalidationEntries: 0,
+    faultsByReason: new Float64Array(256),
+    walkDepth: { nested: buckets(), stage2: buckets() },
+    walkDepthSum: { nested: 0, stage2: 0 },
+    invalidationSeconds: perDataType(() => new Float64Array(INVALIDATION_SECONDS_BOUNDS.length + 1)),
+    invalidationSecondsSum: perDataType(() => 0),
+  };
 }
 
 /**
@@ -21,10 +59,10 @@ export interface VmStats {
  * two-phase creation of iommufd_object_alloc() / _finalize() / _abort().
  */
 export class IommufdContext {
-  private readonly objects = new Map<number, IommufdObject>();
+  private readonly table = new Map<number, IommufdObject>();
   private readonly ids = new IdAllocator();
   readonly devicesByName = new Map<string, Device>();
-  readonly stats: VmStats = { translations: 0, iotlbHits: 0, iotlbMisses: 0, memoryReferences: 0, faults: 0, invalidationEntries: 0 };
+  readonly stats: VmStats = newStats();
 
   constructor(
     readonly memory: GuestMemory,
@@ -32,12 +70,12 @@ export class IommufdContext {
   ) {}
 
   get objectCount(): number {
-    return this.objects.size;
+    return this.table.size;
   }
 
-  /** Live objects in id order. */
-  allObjects(): IommufdObject[] {
-    return [...this.objects.values()].sort((a, b) => a.id - b.id);
+  /** Live objects, in no particular order. */
+  objects(): IterableIterator<IommufdObject> {
+    return this.table.values();
   }
 
   /** iommufd_object_alloc(): reserve the lowest free id; invisible until finalize. */
@@ -47,7 +85,7 @@ export class IommufdContext {
 
   /** iommufd_object_finalize(): publish a reserved object. */
   finalize(obj: IommufdObject): void {
-    this.objects.set(obj.id, obj);
+    this.table.set(obj.id, obj);
   }
 
   /** iommufd_object_abort(): give a reserved, unpublished id back. */
@@ -58,20 +96,20 @@ export class IommufdContext {
 
   /** Remove a published object from the table and free its id. */
   remove(obj: IommufdObject): void {
-    this.objects.delete(obj.id);
+    this.table.delete(obj.id);
     this.ids.free(obj.id);
   }
 
   /** iommufd_get_object(IOMMUFD_OBJ_ANY): missing, 0 or unpublished -> ENOENT. */
   getObject(id: number): IommufdObject {
-    const obj = this.objects.get(id);
+    const obj = this.table.get(id);
     if (obj === undefined) fail("ENOENT", `object ${id} does not exist`);
     return obj;
   }
 
   /** A typed lookup: missing or of another type -> ENOENT. */
   private getTyped<T extends IommufdObject>(id: number, type: ObjectType, what: string): T {
-    const obj = this.objects.get(id);
+    const obj = this.table.get(id);
     if (obj === undefined || obj.type !== type) fail("ENOENT", `${what} ${id} does not exist`);
     return obj as T;
   }

@@ -1,9 +1,18 @@
-import type { IommufdContext } from "./context.js";
+import { INVALIDATION_SECONDS_BOUNDS, type IommufdContext, type InvalidationDataType } from "./context.js";
 import { hwPagetableAttach, hwPagetableDetach } from "./device.js";
 import type { HwptAllocFlags, IotlbDump, UserData } from "./drivers/driver.js";
 import { fail, IommuError } from "./errno.js";
 import { type Device, type Hwpt, HwptNested, HwptPaging, type Ioas } from "./objects.js";
-import { encodeHwptData, encodeInvalidations, type HwptData, IOMMU_HWPT_DATA_NONE, type Invalidations } from "./uapi.js";
+import {
+  encodeHwptData,
+  encodeInvalidations,
+  type HwptData,
+  IOMMU_HWPT_DATA_NONE,
+  IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
+  IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+  IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+  type Invalidations,
+} from "./uapi.js";
 
 /** HWPT allocation and lifetime (hw_pagetable.c). */
 
@@ -122,9 +131,10 @@ export function iommufdDestroy(ctx: IommufdContext, id: number): void {
  * checks before any entry is looked at).
  */
 export function hwptInvalidate(ctx: IommufdContext, hwptId: number, requests: Invalidations | undefined): number {
+  if (requests === undefined) throw new IommuError("EINVAL", "no invalidation entries given (oneof requests is unset)", 0);
+  const array = encodeInvalidations(requests);
+  const start = performance.now();
   try {
-    if (requests === undefined) fail("EINVAL", "no invalidation entries given (oneof requests is unset)");
-    const array = encodeInvalidations(requests);
     if (array.entryNum !== 0 && (array.data.length === 0 || array.entryLen === 0)) {
       fail("EINVAL", "entry_num is non-zero but data is empty or entry_len is 0");
     }
@@ -137,7 +147,23 @@ export function hwptInvalidate(ctx: IommufdContext, hwptId: number, requests: In
     if (!(e instanceof IommuError)) throw e;
     ctx.stats.invalidationEntries += e.entriesHandled ?? 0;
     throw e.entriesHandled === undefined ? new IommuError(e.errno, e.message, 0) : e;
+  } finally {
+    recordInvalidation(ctx, array.type, (performance.now() - start) / 1000);
   }
+}
+
+const DATA_TYPE_NAMES = new Map<number, InvalidationDataType>([
+  [IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, "vtd_s1"],
+  [IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, "selftest"],
+  [IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, "arm_smmuv3"],
+]);
+
+/** The request's wall time into the VM's invalidation-duration histogram. */
+function recordInvalidation(ctx: IommufdContext, dataType: number, seconds: number): void {
+  const type = DATA_TYPE_NAMES.get(dataType) ?? "other";
+  const bucket = INVALIDATION_SECONDS_BOUNDS.findIndex((bound) => seconds <= bound);
+  ctx.stats.invalidationSeconds[type][bucket < 0 ? INVALIDATION_SECONDS_BOUNDS.length : bucket]++;
+  ctx.stats.invalidationSecondsSum[type] += seconds;
 }
 
 /** DumpIotlb (IOMMU_TEST_OP_MD_CHECK_IOTLB made general). */

@@ -61,6 +61,18 @@ function createDriver(model: IommuModel, options: VmOptions, memory: GuestMemory
 
 export class VmRegistry {
   private readonly vms = new Map<string, Vm>();
+  private readonly createdListeners: ((vm: Vm) => void)[] = [];
+  private readonly destroyedListeners: ((vm: Vm) => void)[] = [];
+
+  /** Call `listener` with every VM created from now on. */
+  onCreated(listener: (vm: Vm) => void): void {
+    this.createdListeners.push(listener);
+  }
+
+  /** Call `listener` with every VM as it is destroyed (its counters are final). */
+  onDestroyed(listener: (vm: Vm) => void): void {
+    this.destroyedListeners.push(listener);
+  }
 
   get size(): number {
     return this.vms.size;
@@ -84,6 +96,7 @@ export class VmRegistry {
     const memory = new GuestMemory(Number(bytes));
     const vm = new Vm(cmd.vmId, cmd.model, options, new IommufdContext(memory, createDriver(cmd.model, options, memory)));
     this.vms.set(vm.id, vm);
+    for (const listener of this.createdListeners) listener(vm);
     return vm;
   }
 
@@ -97,8 +110,9 @@ export class VmRegistry {
 
   /** Closing the iommufd: every object of the VM goes with it. */
   destroy(vmId: string): void {
-    this.get(vmId);
+    const vm = this.get(vmId);
     this.vms.delete(vmId);
+    for (const listener of this.destroyedListeners) listener(vm);
   }
 
   /**

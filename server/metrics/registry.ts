@@ -1,41 +1,23 @@
-import { collectDefaultMetrics, Gauge, Registry } from "prom-client";
-import type { ObjectType } from "../core/objects.js";
+import type * as grpc from "@grpc/grpc-js";
+import { collectDefaultMetrics, Registry } from "prom-client";
 import type { VmRegistry } from "../core/vm.js";
+import { grpcServerMetrics } from "./grpc-metrics.js";
+import { IommufdMetrics } from "./iommufd-metrics.js";
 
-/**
- * The Prometheus registry: gauges read from the core at scrape time (nothing
- * is updated on a request path) plus prom-client's process/Node metrics.
- */
-export function createMetricsRegistry(vms: VmRegistry): Registry {
+/** The process's metrics (metrics.md): iommufd_*, grpc_server_*, and prom-client's process/Node defaults. */
+export interface Metrics {
+  readonly registry: Registry;
+  /** Counts every RPC with the go-grpc-prometheus names. */
+  readonly grpcInterceptor: grpc.ServerInterceptor;
+}
+
+export function createMetrics(vms: VmRegistry, options: { vmLabelCap: number }): Metrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
   // promtool rejects gauges whose names end in _total.
   for (const name of ["nodejs_active_handles_total", "nodejs_active_requests_total", "nodejs_active_resources_total"]) {
     registry.removeSingleMetric(name);
   }
-
-  new Gauge({
-    name: "iommufd_vms",
-    help: "Live VMs (iommufd contexts).",
-    labelNames: ["model"],
-    registers: [registry],
-    collect() {
-      this.reset();
-      for (const vm of vms.all()) this.inc({ model: vm.model });
-    },
-  });
-
-  new Gauge({
-    name: "iommufd_objects",
-    help: "Live iommufd objects of all VMs.",
-    labelNames: ["type"],
-    registers: [registry],
-    collect() {
-      const counts: Record<ObjectType, number> = { ioas: 0, hwpt_paging: 0, hwpt_nested: 0, device: 0 };
-      for (const vm of vms.all()) for (const obj of vm.ctx.allObjects()) counts[obj.type]++;
-      for (const [type, n] of Object.entries(counts)) this.set({ type }, n);
-    },
-  });
-
-  return registry;
+  new IommufdMetrics(vms, options.vmLabelCap).register(registry);
+  return { registry, grpcInterceptor: grpcServerMetrics(registry) };
 }

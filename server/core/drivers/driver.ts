@@ -78,6 +78,8 @@ export interface IommuDriver {
   readonly pasidWidth: number;
   /** Translations the IOTLB holds now. */
   readonly iotlbOccupancy: number;
+  /** Cached translations dropped by invalidations (user or stage-2 driven), ever. */
+  readonly iotlbEntriesInvalidated: number;
 
   /**
    * domain_alloc_paging_flags(): a paging domain for `dev`. The core has

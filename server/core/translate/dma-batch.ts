@@ -5,6 +5,23 @@
  */
 export type WalkMode = "nested" | "stage2" | "blocked";
 
+/**
+ * Upper bounds of the walk-depth histogram (entries read by one walk): the
+ * exact counts of the walk shapes — 4 (4-level stage 2), 19, 24, 29, 35
+ * (nested) — sit on bucket bounds.
+ */
+export const WALK_DEPTH_BOUNDS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 29, 35] as const;
+
+/** depth -> histogram bucket (the last bucket is +Inf). */
+const DEPTH_BUCKET = Uint8Array.from({ length: 64 }, (_, refs) => {
+  const i = WALK_DEPTH_BOUNDS.findIndex((bound) => refs <= bound);
+  return i < 0 ? WALK_DEPTH_BOUNDS.length : i;
+});
+
+export function depthBucket(refs: number): number {
+  return refs < 64 ? DEPTH_BUCKET[refs] : WALK_DEPTH_BOUNDS.length;
+}
+
 export class DmaBatch {
   /** Host address per access (offset into guest RAM); 0 when it faulted. */
   readonly addr: Float64Array;
@@ -18,6 +35,10 @@ export class DmaBatch {
   /** Total entries read by the walks of this batch. */
   references = 0;
   mode: WalkMode = "blocked";
+  /** Walks of this batch per walk-depth bucket (WALK_DEPTH_BOUNDS, then +Inf). */
+  readonly depthCounts = new Float64Array(WALK_DEPTH_BOUNDS.length + 1);
+  /** Faults of this batch per reason code; allocated on the first fault. */
+  faultReasons: Float64Array | null = null;
 
   constructor(
     readonly iovaLo: Uint32Array,
@@ -38,6 +59,14 @@ export class DmaBatch {
   faultAll(reason: number): void {
     this.fault.fill(reason);
     this.faults += this.count;
+    (this.faultReasons ??= new Float64Array(256))[reason] += this.count;
+  }
+
+  /** Record access i's fault (the walk's slow path). */
+  recordFault(i: number, reason: number): void {
+    this.fault[i] = reason;
+    this.faults++;
+    (this.faultReasons ??= new Float64Array(256))[reason]++;
   }
 
   /** A batch from bigint IOVAs (the API edge; not the hot path). */

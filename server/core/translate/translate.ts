@@ -20,4 +20,12 @@ export function translate(ctx: IommufdContext, devId: number, pasid: number | un
   stats.iotlbMisses += batch.misses;
   stats.memoryReferences += batch.references;
   stats.faults += batch.faults;
+  if (batch.mode !== "blocked") {
+    const depth = stats.walkDepth[batch.mode];
+    for (let k = 0; k < depth.length; k++) depth[k] += batch.depthCounts[k];
+    stats.walkDepthSum[batch.mode] += batch.references;
+  }
+  if (batch.faultReasons !== null) {
+    for (let r = 0; r < 256; r++) stats.faultsByReason[r] += batch.faultReasons[r];
+  }
 }

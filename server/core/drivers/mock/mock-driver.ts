@@ -1,5 +1,5 @@
 import { fail, IommuError } from "../../errno.js";
-import type { DmaBatch } from "../../translate/dma-batch.js";
+import { type DmaBatch, depthBucket } from "../../translate/dma-batch.js";
 import { FAULT } from "../../translate/fault.js";
 import type { IovaRange } from "../../iova.js";
 import {
@@ -124,6 +124,7 @@ export class MockDriver implements IommuDriver {
   readonly pasidWidth = MOCK_PASID_WIDTH;
   /** The mock has no IOTLB. */
   readonly iotlbOccupancy = 0;
+  readonly iotlbEntriesInvalidated = 0;
   /** mdev->pasid_1024_fake_error, per device. */
   private readonly pasidFakeError = new WeakSet<DeviceInfo>();
 
@@ -189,17 +190,17 @@ export class MockDriver implements IommuDriver {
   translate(domain: IommuDomain, _pasid: number, batch: DmaBatch): void {
     const table = (domain.type === "paging" ? domain : domain.parent) as MockPagingDomain;
     batch.mode = domain.type === "paging" ? "stage2" : "nested";
-    const { iovaLo, iovaHi, addr, refs, fault, write } = batch;
+    const { iovaLo, iovaHi, addr, refs, write } = batch;
     for (let i = 0; i < iovaLo.length; i++) {
       batch.misses++;
       refs[i] = 1;
       batch.references++;
+      batch.depthCounts[depthBucket(1)]++;
       const entry = iovaHi[i] === 0 ? table.pfns.get(Math.floor(iovaLo[i] / MOCK_PAGE_BYTES)) : undefined;
       const code =
         entry === undefined ? FAULT.S2_NOT_PRESENT : write && !(entry & PERM_W) ? FAULT.NO_WRITE : !write && !(entry & PERM_R) ? FAULT.NO_READ : 0;
       if (code !== 0) {
-        fault[i] = code;
-        batch.faults++;
+        batch.recordFault(i, code);
       } else {
         addr[i] = Math.floor(entry! / 4) * MOCK_PAGE_BYTES + (iovaLo[i] % MOCK_PAGE_BYTES);
       }

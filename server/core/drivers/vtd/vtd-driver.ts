@@ -62,6 +62,10 @@ export class VtdDriver implements IommuDriver {
     return this.caches.iotlb.size;
   }
 
+  get iotlbEntriesInvalidated(): number {
+    return this.caches.iotlbDropped;
+  }
+
   /** The second-stage input width: SAGAW 4-level (48) or 5-level (57). */
   get addressWidth(): number {
     return this.config.fiveLevel ? 57 : 48;

@@ -1,5 +1,5 @@
 import type { GuestMemory } from "../../guest-memory.js";
-import type { DmaBatch } from "../../translate/dma-batch.js";
+import { type DmaBatch, depthBucket } from "../../translate/dma-batch.js";
 import { FAULT } from "../../translate/fault.js";
 import type { TranslationCache } from "../../translate/translation-cache.js";
 import type { VtdNestedDomain, VtdPagingDomain } from "./domains.js";
@@ -87,14 +87,13 @@ export class VtdWalker {
     const tag = this.caches.tagOf(domain, pasid);
     const nested = domain.type === "nested";
     batch.mode = nested ? "nested" : "stage2";
-    const { iovaLo, iovaHi, addr, refs, fault } = batch;
+    const { iovaLo, iovaHi, addr, refs, depthCounts } = batch;
     const write = batch.write;
     // A cached entry serves a read if readable, a write if writable and
     // dirty: a write to a clean or read-only entry re-walks (the guest may
     // have relaxed its tables, and a first write must set the dirty bit).
     const need = write ? PERM_W | PERM_D : PERM_R;
     let hits = 0;
-    let faults = 0;
     let references = 0;
     const n = iovaLo.length;
     for (let i = 0; i < n; i++) {
@@ -107,9 +106,9 @@ export class VtdWalker {
       const code = nested ? this.walkNested(domain as VtdNestedDomain, tag, lo, hi, write) : this.walkSecondStage(domain as VtdPagingDomain, lo, hi, write);
       refs[i] = this.refs;
       references += this.refs;
+      depthCounts[depthBucket(this.refs)]++;
       if (code !== 0) {
-        fault[i] = code;
-        faults++;
+        batch.recordFault(i, code);
         continue;
       }
       addr[i] = this.hpa;
@@ -118,7 +117,6 @@ export class VtdWalker {
     }
     batch.hits += hits;
     batch.misses += n - hits;
-    batch.faults += faults;
     batch.references += references;
   }
 
