@@ -4,7 +4,7 @@ import { parseArgs } from "node:util";
 export interface Config {
   /** gRPC listen address, HOST:PORT (port 0 picks a free port). */
   readonly listen: string;
-  /** Metrics/health HTTP listen address, HOST:PORT. */
+  /** Metrics/health HTTP listen address, HOST:PORT, or "off" (no listener, no gRPC metrics). */
   readonly metricsListen: string;
   readonly logLevel: string;
   /** Largest gRPC message accepted or sent, bytes. */
@@ -28,7 +28,7 @@ export const DEFAULT_CONFIG: Config = {
 
 export const USAGE = `usage: iommufd-service [options]
   --listen HOST:PORT          gRPC address (env IOMMUFD_LISTEN, default ${DEFAULT_CONFIG.listen})
-  --metrics-listen HOST:PORT  /metrics and /healthz (env IOMMUFD_METRICS_LISTEN, default ${DEFAULT_CONFIG.metricsListen})
+  --metrics-listen HOST:PORT  /metrics and /healthz, or "off" (env IOMMUFD_METRICS_LISTEN, default ${DEFAULT_CONFIG.metricsListen})
   --log-level LEVEL           pino level: trace debug info warn error (env IOMMUFD_LOG_LEVEL, default info)
   --max-message-bytes N       largest gRPC message (env IOMMUFD_MAX_MESSAGE_BYTES, default ${DEFAULT_CONFIG.maxMessageBytes})
   --drain-timeout-ms N        SIGTERM grace period (env IOMMUFD_DRAIN_TIMEOUT_MS, default ${DEFAULT_CONFIG.drainTimeoutMs})
@@ -77,7 +77,7 @@ export function loadConfig(argv: string[], env: NodeJS.ProcessEnv): Config | und
   const text = (value: string) => value;
   return {
     listen: pick("listen", "IOMMUFD_LISTEN", hostPort, DEFAULT_CONFIG.listen),
-    metricsListen: pick("metrics-listen", "IOMMUFD_METRICS_LISTEN", hostPort, DEFAULT_CONFIG.metricsListen),
+    metricsListen: pick("metrics-listen", "IOMMUFD_METRICS_LISTEN", (v, what) => (v === "off" ? v : hostPort(v, what)), DEFAULT_CONFIG.metricsListen),
     logLevel: pick("log-level", "IOMMUFD_LOG_LEVEL", text, DEFAULT_CONFIG.logLevel),
     maxMessageBytes: pick("max-message-bytes", "IOMMUFD_MAX_MESSAGE_BYTES", positiveInt, DEFAULT_CONFIG.maxMessageBytes),
     drainTimeoutMs: pick("drain-timeout-ms", "IOMMUFD_DRAIN_TIMEOUT_MS", positiveInt, DEFAULT_CONFIG.drainTimeoutMs),

@@ -13,7 +13,7 @@ import { VmRegistry } from "./core/vm.js";
 import { createMetrics } from "./metrics/registry.js";
 import { reflectionPackage, serviceDefinition, unaryHandlers } from "./rpc/bridge.js";
 import { WatchCalls } from "./rpc/inflight.js";
-import { iommufdServiceImplementation } from "./rpc/service.js";
+import { iommufdServiceImplementation, TRANSLATE_CODEC, translateHandler } from "./rpc/service.js";
 import { toStatus } from "./rpc/status.js";
 
 export const SERVICE_NAME = IommufdService.typeName;
@@ -22,7 +22,7 @@ export const SERVICE_NAME = IommufdService.typeName;
 export interface RunningServer {
   /** The bound gRPC address, HOST:PORT. */
   readonly address: string;
-  /** The bound metrics address, HOST:PORT. */
+  /** The bound metrics address, HOST:PORT ("" when metrics are off). */
   readonly metricsAddress: string;
   readonly vms: VmRegistry;
   /**
@@ -50,19 +50,19 @@ function grpcHost(hostPort: string): string {
 
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
   const vms = new VmRegistry();
+  const metricsOn = config.metricsListen !== "off";
   const { registry: metrics, grpcInterceptor } = createMetrics(vms, { vmLabelCap: config.metricsVmLabelCap });
   const watches = new WatchCalls(new Set(["/grpc.health.v1.Health/Watch"]));
   const server = new grpc.Server({
     "grpc.max_receive_message_length": config.maxMessageBytes,
     "grpc.max_send_message_length": config.maxMessageBytes,
-    interceptors: [grpcInterceptor, watches.interceptor],
+    interceptors: metricsOn ? [grpcInterceptor, watches.interceptor] : [watches.interceptor],
   });
 
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
-  server.addService(
-    serviceDefinition(IommufdService),
-    unaryHandlers(IommufdService, iommufdServiceImplementation(vms), (e) => toStatus(e, onBug)),
-  );
+  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), (e) => toStatus(e, onBug));
+  handlers.translate = translateHandler(vms, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
+  server.addService(serviceDefinition(IommufdService, { translate: TRANSLATE_CODEC }), handlers);
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
   health.addToServer(server);
   new ReflectionService(
@@ -90,15 +90,15 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       res.writeHead(404, { "content-type": "text/plain" }).end("not found\n");
     }
   });
-  let metricsAddress: string;
+  let metricsAddress = "";
   try {
-    metricsAddress = await listenHttp(http, config.metricsListen);
+    if (metricsOn) metricsAddress = await listenHttp(http, config.metricsListen);
   } catch (e) {
     server.forceShutdown();
     throw e;
   }
 
-  log.info({ grpc: address, metrics: metricsAddress }, `iommufd-service listening on ${address} (gRPC) and ${metricsAddress} (metrics)`);
+  log.info({ grpc: address, metrics: metricsAddress }, `iommufd-service listening on ${address} (gRPC)${metricsOn ? ` and ${metricsAddress} (metrics)` : ", metrics off"}`);
 
   let stopping: Promise<void> | undefined;
   const shutdown = () => {
@@ -119,10 +119,12 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
         server.tryShutdown(() => resolve());
       });
       clearTimeout(timer);
-      await new Promise<void>((resolve) => {
-        http.close(() => resolve());
-        http.closeAllConnections();
-      });
+      if (metricsOn) {
+        await new Promise<void>((resolve) => {
+          http.close(() => resolve());
+          http.closeAllConnections();
+        });
+      }
     })();
     return stopping;
   };

@@ -40,18 +40,25 @@ function encoder(schema: DescMessage) {
   return (message: MessageShape<DescMessage>) => Buffer.from(toBinary(schema, message));
 }
 
+/** A method's own wire codec, replacing protobuf-es (for a hot path). */
+export interface MethodCodec {
+  requestDeserialize(bytes: Buffer): unknown;
+  responseSerialize(value: unknown): Buffer;
+}
+
 /** grpc-js method definitions for every method of a protobuf-es service. */
-export function serviceDefinition(service: DescService): grpc.ServiceDefinition {
+export function serviceDefinition(service: DescService, codecs: Record<string, MethodCodec> = {}): grpc.ServiceDefinition {
   const definition: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
   for (const method of service.methods) {
+    const codec = codecs[method.localName];
     definition[method.localName] = {
       path: `/${service.typeName}/${method.name}`,
       originalName: method.name,
       requestStream: method.methodKind === "client_streaming" || method.methodKind === "bidi_streaming",
       responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
       requestSerialize: encoder(method.input) as (value: unknown) => Buffer,
-      requestDeserialize: decoder(method.input),
-      responseSerialize: encoder(method.output) as (value: unknown) => Buffer,
+      requestDeserialize: codec?.requestDeserialize ?? decoder(method.input),
+      responseSerialize: codec?.responseSerialize ?? (encoder(method.output) as (value: unknown) => Buffer),
       responseDeserialize: (bytes: Buffer) => fromBinary(method.output, bytes),
     };
   }

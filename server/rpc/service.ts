@@ -10,8 +10,10 @@ import { hwptAlloc, hwptDumpIotlb, hwptInvalidate, iommufdDestroy } from "../cor
 import { ioasAlloc, ioasAllowIovas, ioasCopy, ioasIovaRanges, ioasMap, ioasUnmap, iommuOption, type IommuOption } from "../core/ioas.js";
 import { decodeHwInfo, type HwptData, type Invalidations } from "../core/uapi.js";
 import { DmaBatch } from "../core/translate/dma-batch.js";
-import { faultName } from "../core/translate/fault.js";
 import { translate } from "../core/translate/translate.js";
+import * as grpc from "@grpc/grpc-js";
+import { MalformedRequest, type MethodCodec } from "./bridge.js";
+import { decodeTranslateRequest, encodeTranslateResponse, type TranslateWireRequest } from "./translate-codec.js";
 import type { IommuModel, Vm, VmRegistry } from "../core/vm.js";
 import type { UnaryImplementation } from "./bridge.js";
 
@@ -208,17 +210,39 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
     readGuestMemory(req) {
       return { data: guestMemoryRead(ctxOf(req.vmId).memory, req.gpa, req.length) };
     },
-    translate(req) {
-      const batch = DmaBatch.fromIovas(req.iovas, req.write);
-      translate(ctxOf(req.vmId), req.devId, req.pasid, batch);
-      const faults: { index: number; reason: number; reasonName: string; iova: bigint }[] = [];
-      const addresses = new Array<bigint>(batch.count);
-      for (let i = 0; i < batch.count; i++) {
-        const reason = batch.fault[i];
-        if (reason !== 0) faults.push({ index: i, reason, reasonName: faultName(reason), iova: req.iovas[i] });
-        addresses[i] = reason === 0 ? BigInt(batch.addr[i]) : 0n;
-      }
-      return { addresses, memoryReferences: Array.from(batch.refs), faults, iotlbHits: batch.hits };
+    translate() {
+      // Served by translateHandler() with its own wire codec.
+      throw new Error("Translate is served by translateHandler()");
     },
+  };
+}
+
+/** A translated batch and the request it answers: what the Translate codec encodes. */
+interface TranslateResult {
+  batch: DmaBatch;
+  req: TranslateWireRequest;
+}
+
+/** Translate's wire codec (translate-codec.ts) for serviceDefinition(). */
+export const TRANSLATE_CODEC: MethodCodec = {
+  requestDeserialize: decodeTranslateRequest,
+  responseSerialize: (value) => encodeTranslateResponse((value as TranslateResult).batch, (value as TranslateResult).req),
+};
+
+/** The Translate handler: the device's DMA, decoded and encoded without BigInt. */
+export function translateHandler(
+  vms: VmRegistry,
+  toStatus: (error: unknown) => Partial<grpc.StatusObject>,
+): grpc.handleUnaryCall<TranslateWireRequest | MalformedRequest, TranslateResult> {
+  return (call, callback) => {
+    try {
+      const req = call.request;
+      if (req instanceof MalformedRequest) throw req;
+      const batch = new DmaBatch(req.iovaLo, req.iovaHi, req.write);
+      translate(vms.get(req.vmId).ctx, req.devId, req.pasid, batch);
+      callback(null, { batch, req });
+    } catch (e) {
+      callback(toStatus(e));
+    }
   };
 }
