@@ -60,7 +60,11 @@ export class TranslationCache {
   private tagClassMask = new Uint8Array(64);
   private freeHead = NONE;
   private hand = 0;
+  /** Where the search for stale slots resumes. */
+  private staleHand = 0;
   private live = 0;
+  /** Slots holding entries of a flushed generation, awaiting reuse. */
+  private stale = 0;
 
   constructor(capacity: number, shifts: readonly number[]) {
     if (shifts.length > MAX_CLASSES) throw new Error(`at most ${MAX_CLASSES} size classes`);
@@ -198,7 +202,9 @@ export class TranslationCache {
       return;
     }
     if (i === NONE) {
-      if (this.freeHead === NONE) this.reclaim(this.victim());
+      // A free slot, else a stale one (a flushed generation's), and only
+      // then a live entry chosen by CLOCK.
+      if (this.freeHead === NONE) this.reclaim(this.stale > 0 ? this.staleSlot() : this.victim());
       i = this.freeHead;
       this.freeHead = this.chainNext[i];
       this.tag[i] = tag;
@@ -206,8 +212,10 @@ export class TranslationCache {
       this.pageLo[i] = lo;
       this.pageHi[i] = hi;
       this.linkBucket(i, b);
+    } else {
+      // A stale entry with the same key, revived in place.
+      this.stale--;
     }
-    // A fresh slot, or a stale one with the same key revived in place.
     this.stamp[i] = stamp;
     this.addr[i] = addr;
     this.perm[i] = perm;
@@ -216,13 +224,22 @@ export class TranslationCache {
     this.live++;
   }
 
-  /** CLOCK: stale entries go first; live ones get a second chance. */
+  /** CLOCK (second chance) over live entries: a referenced one is spared once. */
   private victim(): number {
     for (;;) {
       const i = this.hand;
       this.hand = i + 1 === this.capacity ? 0 : i + 1;
-      if (!this.isLive(i) || this.referenced[i] === 0) return i;
+      if (this.referenced[i] === 0) return i;
       this.referenced[i] = 0;
+    }
+  }
+
+  /** The next stale slot; each is found once per sweep, so the search is amortised O(1). */
+  private staleSlot(): number {
+    for (;;) {
+      const i = this.staleHand;
+      this.staleHand = i + 1 === this.capacity ? 0 : i + 1;
+      if (this.tag[i] !== NONE && !this.isLive(i)) return i;
     }
   }
 
@@ -238,6 +255,7 @@ export class TranslationCache {
   /** Free slot i (live or stale): out of its bucket chain (and tag list if live). */
   private reclaim(i: number): void {
     if (this.isLive(i)) this.unlinkTag(i);
+    else this.stale--;
     const prev = this.chainPrev[i];
     const next = this.chainNext[i];
     if (prev === NONE) this.buckets[this.bucketOfEntry[i]] = next;
@@ -321,6 +339,7 @@ export class TranslationCache {
     this.tagClassCount.fill(0, tag * MAX_CLASSES, (tag + 1) * MAX_CLASSES);
     this.tagClassMask[tag] = 0;
     this.live -= n;
+    this.stale += n;
     return n;
   }
 
