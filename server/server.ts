@@ -18,6 +18,12 @@ import { toStatus } from "./rpc/status.js";
 
 export const SERVICE_NAME = IommufdService.typeName;
 
+/** grpc.health.v1.Health's methods, whose metrics start at zero too. */
+const HEALTH_METHODS = [
+  { path: "/grpc.health.v1.Health/Check", requestStream: false, responseStream: false },
+  { path: "/grpc.health.v1.Health/Watch", requestStream: false, responseStream: true },
+];
+
 /** A running iommufd-service: gRPC server, health, reflection, metrics listener. */
 export interface RunningServer {
   /** The bound gRPC address, HOST:PORT. */
@@ -51,7 +57,11 @@ function grpcHost(hostPort: string): string {
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
   const vms = new VmRegistry();
   const metricsOn = config.metricsListen !== "off";
-  const { registry: metrics, grpcInterceptor } = createMetrics(vms, { vmLabelCap: config.metricsVmLabelCap });
+  const iommufdDefinition = serviceDefinition(IommufdService, { translate: TRANSLATE_CODEC });
+  const { registry: metrics, grpcInterceptor } = createMetrics(vms, {
+    vmLabelCap: config.metricsVmLabelCap,
+    methods: [...Object.values(iommufdDefinition), ...HEALTH_METHODS],
+  });
   const watches = new WatchCalls(new Set(["/grpc.health.v1.Health/Watch"]));
   const server = new grpc.Server({
     "grpc.max_receive_message_length": config.maxMessageBytes,
@@ -62,7 +72,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
   const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), (e) => toStatus(e, onBug));
   handlers.translate = translateHandler(vms, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
-  server.addService(serviceDefinition(IommufdService, { translate: TRANSLATE_CODEC }), handlers);
+  server.addService(iommufdDefinition, handlers);
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
   health.addToServer(server);
   new ReflectionService(

@@ -1,7 +1,7 @@
 import type * as grpc from "@grpc/grpc-js";
 import { collectDefaultMetrics, Registry } from "prom-client";
 import type { VmRegistry } from "../core/vm.js";
-import { grpcServerMetrics } from "./grpc-metrics.js";
+import { grpcServerMetrics, type ServedMethod } from "./grpc-metrics.js";
 import { IommufdMetrics } from "./iommufd-metrics.js";
 
 /** The process's metrics (metrics.md): iommufd_*, grpc_server_*, and prom-client's process/Node defaults. */
@@ -11,7 +11,7 @@ export interface Metrics {
   readonly grpcInterceptor: grpc.ServerInterceptor;
 }
 
-export function createMetrics(vms: VmRegistry, options: { vmLabelCap: number }): Metrics {
+export function createMetrics(vms: VmRegistry, options: { vmLabelCap: number; methods: readonly ServedMethod[] }): Metrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
   // promtool rejects gauges whose names end in _total.
@@ -19,5 +19,5 @@ export function createMetrics(vms: VmRegistry, options: { vmLabelCap: number }):
     registry.removeSingleMetric(name);
   }
   new IommufdMetrics(vms, options.vmLabelCap).register(registry);
-  return { registry, grpcInterceptor: grpcServerMetrics(registry) };
+  return { registry, grpcInterceptor: grpcServerMetrics(registry, options.methods) };
 }
