@@ -1,7 +1,6 @@
 import type { GuestMemory } from "../../guest-memory.js";
 import { type DmaBatch, depthBucket } from "../../translate/dma-batch.js";
 import { FAULT } from "../../translate/fault.js";
-import type { TranslationCache } from "../../translate/translation-cache.js";
 import type { VtdNestedDomain, VtdPagingDomain } from "./domains.js";
 import { SS_PS, SS_R, SS_W, type SecondStageTable } from "./second-stage.js";
 import type { VtdCaches } from "./vtd-caches.js";
