@@ -83,8 +83,11 @@ export class VtdWalker {
   /** Translate every access of `batch` through a paging or nested domain. */
   translate(domain: VtdPagingDomain | VtdNestedDomain, pasid: number, batch: DmaBatch): void {
     const iotlb = this.caches.iotlb;
-    const tag = this.caches.tagOf(domain, pasid);
     const nested = domain.type === "nested";
+    // The IOTLB is tagged by PASID only for first-stage and nested
+    // translations (vtd.md §4.1): a second-stage-only domain shares its
+    // entries between the RID and every PASID it serves.
+    const tag = this.caches.tagOf(domain, nested ? pasid : 0);
     batch.mode = nested ? "nested" : "stage2";
     const { iovaLo, iovaHi, addr, refs, depthCounts } = batch;
     const write = batch.write;
