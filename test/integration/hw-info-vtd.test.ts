@@ -6,9 +6,12 @@
  * that the API can exercise without DMA, that the emulator honours it: a bit
  * advertised is accepted, a bit not advertised is refused.
  *
- * Bits only observable through DMA (Translate) are not checked here.
+ * Bits only observable through DMA — SLLPS, FL1GP, EAFS's EA bit, C/SMPWC —
+ * are checked at the end through Translate, from the decoded registers.
  */
 import { describe, expect, it } from "vitest";
+import { FS_A, FS_EA, SZ_1G, SZ_2M, SZ_4K } from "../../client/pagetable.js";
+import { createNestedVm, GIB } from "./translate-helpers.js";
 import {
   bind,
   expectFail,
@@ -297,5 +300,51 @@ describe("VT-d HwInfo: five_level changes only FL5LP, SAGAW 5-level and MGAW (ap
     expect(infos[0].ecapReg & SSADS).toBe(SSADS);
     expect(infos[1].ecapReg & SSADS).toBe(0n);
     expect(infos[0].ecapReg ^ infos[1].ecapReg).toBe(SSADS);
+  });
+});
+
+describe("VT-d capabilities observable only through DMA are honoured (vtd.md §5, §1, §2)", () => {
+  const regs = () => vtdRegs({ fiveLevel: false });
+
+  it("SLLPS 2M and 1G: stage 2 maps with 2 MiB and 1 GiB leaves, so translations are cached at those sizes", async () => {
+    const r = await regs();
+    expect([r.cap.SLLPS & 1, r.cap.SLLPS & 2]).toEqual([1, 2]);
+    const oneG = await createNestedVm(env.t, "sllps-1g", { hugePages: true, areas: [{ iova: 0n, userVa: 0n, length: GIB }] });
+    await oneG.s1.map(0n, 0n, SZ_2M);
+    await oneG.vm.translate({ devId: oneG.devId, iovas: [0x1234n] });
+    // A 2 MiB stage-1 leaf over a 1 GiB stage-2 leaf: cached at 2 MiB, and the
+    // stage-2 walks read 2 entries (PML4E, then the 1 GiB PDPE leaf).
+    expect((await oneG.vm.dumpIotlb({ hwptId: oneG.nestedId })).entries.map((e) => e.pageSize)).toEqual([SZ_2M]);
+    const twoM = await createNestedVm(env.t, "sllps-2m", { hugePages: true, areas: [{ iova: 0n, userVa: 0n, length: GIB / 2n }] });
+    await twoM.s1.map(0x1000n, 0x600000n, SZ_4K);
+    expect((await twoM.vm.translate({ devId: twoM.devId, iovas: [0x1000n] })).memoryReferences).toEqual([4 + 5 * 3]);
+  });
+
+  it("FL1GP: a 1 GiB first-stage leaf (PS in a PDPE) translates", async () => {
+    const r = await regs();
+    expect(r.cap.FL1GP).toBe(1);
+    const v = await createNestedVm(env.t, "fl1gp", { guestBytes: 2n * GIB, hugePages: true, areas: [{ iova: 0n, userVa: 0n, length: 2n * GIB }] });
+    await v.s1.map(SZ_1G, SZ_1G, SZ_1G);
+    const res = await v.vm.translate({ devId: v.devId, iovas: [SZ_1G + 0x12345n] });
+    expect(res.faults).toEqual([]);
+    expect(res.addresses).toEqual([SZ_1G + 0x12345n]);
+  });
+
+  it("EAFS: with EAFE the walk sets the extended-accessed bit (bit 10) with A", async () => {
+    const r = await regs();
+    expect(r.ecap.EAFS).toBe(1);
+    const v = await createNestedVm(env.t, "eafs", { eafe: true });
+    await v.s1.map(0x1000n, 0x200000n, SZ_4K);
+    await v.vm.translate({ devId: v.devId, iovas: [0x1000n] });
+    expect((await v.s1.readEntry(0x1000n, 1)) & (FS_A | FS_EA)).toBe(FS_A | FS_EA);
+  });
+
+  it("C/SMPWC: walks are coherent with guest RAM — a not-present entry made present is seen without any invalidation", async () => {
+    const r = await regs();
+    expect([r.ecap.C, r.ecap.SMPWC]).toEqual([1, 1]);
+    const v = await createNestedVm(env.t, "coherent");
+    expect((await v.vm.translate({ devId: v.devId, iovas: [0x3000n] })).faults.map((f) => f.reasonName)).toEqual(["S1_NOT_PRESENT"]);
+    await v.s1.map(0x3000n, 0x300000n, SZ_4K);
+    expect((await v.vm.translate({ devId: v.devId, iovas: [0x3000n] })).addresses).toEqual([0x300000n]);
   });
 });
