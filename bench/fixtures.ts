@@ -84,7 +84,7 @@ export class Stage1Writer {
 export function nestedFixture(name: string, options: NestedOptions = {}): NestedFixture {
   const vms = new VmRegistry();
   const guestBytes = options.guestBytes ?? 2 * GIB;
-  const vm = vms.create({
+  const vm = vms.create("", {
     vmId: name,
     model: "intel_vtd",
     guestMemoryBytes: BigInt(guestBytes),

@@ -14,6 +14,7 @@ import { createMetrics } from "./metrics/registry.js";
 import { reflectionPackage, serviceDefinition, unaryHandlers } from "./rpc/bridge.js";
 import { WatchCalls } from "./rpc/inflight.js";
 import { iommufdServiceImplementation, TRANSLATE_CODEC, translateHandler } from "./rpc/service.js";
+import { callIdentity } from "./rpc/identity.js";
 import { toStatus } from "./rpc/status.js";
 
 export const SERVICE_NAME = IommufdService.typeName;
@@ -30,6 +31,8 @@ export interface RunningServer {
   readonly address: string;
   /** The bound metrics address, HOST:PORT ("" when metrics are off). */
   readonly metricsAddress: string;
+  /** The bound plaintext health address ("" unless --health-listen). */
+  readonly healthAddress: string;
   readonly vms: VmRegistry;
   /**
    * Graceful drain: health goes NOT_SERVING, no new calls are accepted,
@@ -50,28 +53,34 @@ function listenHttp(server: HttpServer, hostPort: string): Promise<string> {
   });
 }
 
-function grpcHost(hostPort: string): string {
-  return hostPort.slice(0, hostPort.lastIndexOf(":"));
+/** Binds a gRPC server; the bound HOST:PORT (port 0 resolved). */
+async function bindGrpc(server: grpc.Server, hostPort: string, credentials: grpc.ServerCredentials): Promise<string> {
+  const port = await new Promise<number>((resolve, reject) => server.bindAsync(hostPort, credentials, (err, p) => (err ? reject(err) : resolve(p))));
+  return `${hostPort.slice(0, hostPort.lastIndexOf(":"))}:${port}`;
 }
 
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
-  const vms = new VmRegistry();
+  const vms = new VmRegistry(config.limits);
   const metricsOn = config.metricsListen !== "off";
-  const iommufdDefinition = serviceDefinition(IommufdService, { translate: TRANSLATE_CODEC });
+  const iommufdDefinition = serviceDefinition(IommufdService, { translate: TRANSLATE_CODEC }, config.maxMessageBytes);
   const { registry: metrics, grpcInterceptor } = createMetrics(vms, {
     vmLabelCap: config.metricsVmLabelCap,
     methods: [...Object.values(iommufdDefinition), ...HEALTH_METHODS],
   });
   const watches = new WatchCalls(new Set(["/grpc.health.v1.Health/Watch"]));
   const server = new grpc.Server({
-    "grpc.max_receive_message_length": config.maxMessageBytes,
+    // grpc-js refuses larger messages with a bare RESOURCE_EXHAUSTED; up to
+    // this margin the deserializer does, with EDQUOT and a QuotaFailure.
+    "grpc.max_receive_message_length": config.maxMessageBytes + (1 << 20),
     "grpc.max_send_message_length": config.maxMessageBytes,
     interceptors: metricsOn ? [grpcInterceptor, watches.interceptor] : [watches.interceptor],
   });
 
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
-  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), (e) => toStatus(e, onBug));
-  handlers.translate = translateHandler(vms, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
+  const identity = { mutualTls: config.tls?.clientCa !== undefined, adminIdentity: config.adminIdentity };
+  const caller = (call: grpc.ServerUnaryCall<unknown, unknown>) => callIdentity(call, identity);
+  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), caller, (e) => toStatus(e, onBug));
+  handlers.translate = translateHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
   server.addService(iommufdDefinition, handlers);
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
   health.addToServer(server);
@@ -79,10 +88,21 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     reflectionPackage([file_iommufd_v1_service, file_grpc_health_v1_health, file_google_rpc_status, file_google_rpc_error_details]),
   ).addToServer(server);
 
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(config.listen, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
-  );
-  const address = `${grpcHost(config.listen)}:${port}`;
+  const credentials = config.tls
+    ? grpc.ServerCredentials.createSsl(config.tls.clientCa ?? null, [{ private_key: config.tls.key, cert_chain: config.tls.cert }], config.tls.clientCa !== undefined)
+    : grpc.ServerCredentials.createInsecure();
+  if (!config.tls && config.insecure) log.warn({ listen: config.listen }, "serving plaintext gRPC (--insecure): any client that reaches this address can do anything");
+  const address = await bindGrpc(server, config.listen, credentials);
+
+  // kubelet's gRPC probe cannot present a client certificate: under mutual
+  // TLS, health is also served on its own plaintext port.
+  let healthServer: grpc.Server | undefined;
+  let healthAddress = "";
+  if (config.healthListen !== "off") {
+    healthServer = new grpc.Server();
+    health.addToServer(healthServer);
+    healthAddress = await bindGrpc(healthServer, config.healthListen, grpc.ServerCredentials.createInsecure());
+  }
 
   let draining = false;
   const http = createHttpServer((req, res) => {
@@ -108,7 +128,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     throw e;
   }
 
-  log.info({ grpc: address, metrics: metricsAddress }, `iommufd-service listening on ${address} (gRPC)${metricsOn ? ` and ${metricsAddress} (metrics)` : ", metrics off"}`);
+  log.info({ grpc: address, metrics: metricsAddress, health: healthAddress, tls: config.tls ? (config.tls.clientCa ? "mutual" : "server") : "off" }, `iommufd-service listening on ${address} (gRPC)${metricsOn ? ` and ${metricsAddress} (metrics)` : ", metrics off"}`);
 
   let stopping: Promise<void> | undefined;
   const shutdown = () => {
@@ -129,6 +149,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
         server.tryShutdown(() => resolve());
       });
       clearTimeout(timer);
+      healthServer?.forceShutdown();
       if (metricsOn) {
         await new Promise<void>((resolve) => {
           http.close(() => resolve());
@@ -139,5 +160,5 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     return stopping;
   };
 
-  return { address, metricsAddress, vms, shutdown };
+  return { address, metricsAddress, healthAddress, vms, shutdown };
 }

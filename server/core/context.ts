@@ -2,6 +2,7 @@ import type { IommuDriver } from "./drivers/driver.js";
 import { fail } from "./errno.js";
 import type { GuestMemory } from "./guest-memory.js";
 import { IdAllocator } from "./id-allocator.js";
+import { checkQuota, DEFAULT_LIMITS, type Limits } from "./limits.js";
 import { WALK_DEPTH_BOUNDS } from "./translate/dma-batch.js";
 import { Device, Ioas, type IommufdObject, type ObjectType } from "./objects.js";
 
@@ -67,6 +68,9 @@ export class IommufdContext {
   constructor(
     readonly memory: GuestMemory,
     readonly driver: IommuDriver,
+    readonly limits: Limits = DEFAULT_LIMITS,
+    /** Names the VM in quota violations. */
+    readonly subject = "vm",
   ) {}
 
   get objectCount(): number {
@@ -80,6 +84,7 @@ export class IommufdContext {
 
   /** iommufd_object_alloc(): reserve the lowest free id; invisible until finalize. */
   reserve(obj: IommufdObject): void {
+    checkQuota("objectsPerVm", this.limits, this.table.size, 1, this.subject, "objects");
     obj.id = this.ids.alloc();
   }
 

@@ -39,6 +39,11 @@ export class IommuError extends Error {
   get errnoValue(): number {
     return ERRNO[this.errno];
   }
+
+  /** The same failure, reporting how many invalidation entries were handled. */
+  withEntriesHandled(entriesHandled: number): IommuError {
+    return new IommuError(this.errno, this.message, entriesHandled);
+  }
 }
 
 /** Throws an IommuError; a statement-position helper for check sequences. */

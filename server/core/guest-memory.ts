@@ -1,4 +1,5 @@
 import { fail } from "./errno.js";
+import { checkQuota, type Limits } from "./limits.js";
 
 export const PAGE_SHIFT = 12;
 export const PAGE_SIZE = 1 << PAGE_SHIFT;
@@ -29,6 +30,17 @@ if (new Uint8Array(new Uint32Array([1]).buffer)[0] !== 1) {
  * Lookup is a two-level directory (2 MiB regions, then pages), plain arrays,
  * no string or BigInt keys.
  */
+/**
+ * Who pays for touched pages: the quota on a VM's own RAM and the running
+ * total of its tenant (shared by the tenant's VMs).
+ */
+export interface MemoryAccount {
+  readonly limits: Limits;
+  readonly vmSubject: string;
+  readonly tenantSubject: string;
+  readonly tenant: { touchedPages: number };
+}
+
 export class GuestMemory {
   readonly size: number;
   private readonly regions: (Array<Uint32Array | undefined> | undefined)[];
@@ -36,7 +48,10 @@ export class GuestMemory {
   private chunkNextPage = CHUNK_PAGES;
   private touched = 0;
 
-  constructor(size: number) {
+  constructor(
+    size: number,
+    private readonly account?: MemoryAccount,
+  ) {
     this.size = size;
     const regionCount = Math.ceil(size / PAGE_SIZE / REGION_PAGES);
     this.regions = new Array(regionCount).fill(undefined);
@@ -81,14 +96,32 @@ export class GuestMemory {
       page = this.chunk.subarray(start, start + PAGE_WORDS);
       region[slot] = page;
       this.touched++;
+      if (this.account) this.account.tenant.touchedPages++;
     }
     return page;
+  }
+
+  /** Pages of [gpa, gpa + length) never written yet: what writing them would add. */
+  private untouchedPagesIn(gpa: number, length: number): number {
+    let n = 0;
+    for (let pfn = Math.floor(gpa / PAGE_SIZE); pfn * PAGE_SIZE < gpa + length; pfn++) {
+      const region = this.regions[pfn >>> REGION_SHIFT];
+      if (region === undefined || region[pfn & (REGION_PAGES - 1)] === undefined) n++;
+    }
+    return n;
   }
 
   /** Copies `data` to guest RAM at `gpa`; EFAULT if it does not fit. */
   write(gpa: number, data: Uint8Array): void {
     if (!this.contains(gpa, data.length)) {
       fail("EFAULT", `guest write [0x${gpa.toString(16)}, +0x${data.length.toString(16)}) is outside guest RAM of 0x${this.size.toString(16)} bytes`);
+    }
+    const a = this.account;
+    if (a !== undefined) {
+      // Touched RAM is what a VM really costs: both quotas hold before a byte is written.
+      const adding = this.untouchedPagesIn(gpa, data.length) * PAGE_SIZE;
+      checkQuota("touchedBytesPerVm", a.limits, this.touched * PAGE_SIZE, adding, a.vmSubject, "touched guest RAM");
+      checkQuota("touchedBytesPerTenant", a.limits, a.tenant.touchedPages * PAGE_SIZE, adding, a.tenantSubject, "touched guest RAM");
     }
     let done = 0;
     while (done < data.length) {
@@ -121,11 +154,13 @@ export class GuestMemory {
 }
 
 /** WriteGuestMemory: a u64 GPA from the wire; out of range is EFAULT. */
-export function guestMemoryWrite(memory: GuestMemory, gpa: bigint, data: Uint8Array): void {
+export function guestMemoryWrite(memory: GuestMemory, limits: Limits, gpa: bigint, data: Uint8Array): void {
+  checkQuota("guestIoBytes", limits, 0, data.length, "request", "WriteGuestMemory bytes");
   memory.write(gpa > BigInt(memory.size) ? Number.MAX_SAFE_INTEGER : Number(gpa), data);
 }
 
 /** ReadGuestMemory */
-export function guestMemoryRead(memory: GuestMemory, gpa: bigint, length: number): Uint8Array {
+export function guestMemoryRead(memory: GuestMemory, limits: Limits, gpa: bigint, length: number): Uint8Array {
+  checkQuota("guestIoBytes", limits, 0, length, "request", "ReadGuestMemory bytes");
   return memory.read(gpa > BigInt(memory.size) ? Number.MAX_SAFE_INTEGER : Number(gpa), length);
 }

@@ -2,6 +2,7 @@ import { INVALIDATION_SECONDS_BOUNDS, type IommufdContext, type InvalidationData
 import { hwPagetableAttach, hwPagetableDetach } from "./device.js";
 import type { HwptAllocFlags, IotlbDump, UserData } from "./drivers/driver.js";
 import { fail, IommuError } from "./errno.js";
+import { checkQuota } from "./limits.js";
 import { type Device, type Hwpt, HwptNested, HwptPaging, type Ioas } from "./objects.js";
 import {
   encodeHwptData,
@@ -135,6 +136,7 @@ export function hwptInvalidate(ctx: IommufdContext, hwptId: number, requests: In
   const array = encodeInvalidations(requests);
   const start = performance.now();
   try {
+    checkQuota("invalidateEntries", ctx.limits, 0, array.entryNum, "request", "Invalidate entries");
     if (array.entryNum !== 0 && (array.data.length === 0 || array.entryLen === 0)) {
       fail("EINVAL", "entry_num is non-zero but data is empty or entry_len is 0");
     }
@@ -146,7 +148,7 @@ export function hwptInvalidate(ctx: IommufdContext, hwptId: number, requests: In
   } catch (e) {
     if (!(e instanceof IommuError)) throw e;
     ctx.stats.invalidationEntries += e.entriesHandled ?? 0;
-    throw e.entriesHandled === undefined ? new IommuError(e.errno, e.message, 0) : e;
+    throw e.entriesHandled === undefined ? e.withEntriesHandled(0) : e;
   } finally {
     recordInvalidation(ctx, array.type, (performance.now() - start) / 1000);
   }

@@ -1,6 +1,7 @@
 import type { IommuProt, PagingDomain } from "./drivers/driver.js";
 import { fail } from "./errno.js";
 import type { GuestMemory } from "./guest-memory.js";
+import { checkQuota, type Limits } from "./limits.js";
 import {
   addU64,
   hex,
@@ -61,8 +62,15 @@ export class IoPagetable {
   disableLargePages = false;
   /** iopt->domains: every paging domain allocated on this IOAS. */
   readonly domains: PagingDomain[] = [];
+  /** Bytes mapped by all areas (the mappedBytesPerIoas quota). */
+  private mappedBytes = 0n;
+  /** Names this IOAS in quota violations. */
+  subject = "ioas";
 
-  constructor(private readonly memory: GuestMemory) {}
+  constructor(
+    private readonly memory: GuestMemory,
+    private readonly limits: Limits,
+  ) {}
 
   get areaCount(): number {
     return this.areas.length;
@@ -223,8 +231,10 @@ export class IoPagetable {
       cursor = last + 1n;
     }
 
+    checkQuota("mappedBytesPerIoas", this.limits, Number(this.mappedBytes), Number(length), this.subject, "mapped bytes");
     this.fillDomains(created, this.domains);
     for (const area of created) this.areas.splice(this.lowerBound(area.iova), 0, area);
+    this.mappedBytes += length;
     return iova;
   }
 
@@ -267,6 +277,7 @@ export class IoPagetable {
       unmapped += areaLength(area);
     }
     this.areas.splice(this.lowerBound(victims[0].iova), victims.length);
+    this.mappedBytes -= unmapped;
     return unmapped;
   }
 

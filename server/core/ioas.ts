@@ -8,8 +8,9 @@ import { Ioas } from "./objects.js";
 
 /** IOMMU_IOAS_ALLOC */
 export function ioasAlloc(ctx: IommufdContext): number {
-  const ioas = new Ioas(ctx.memory);
+  const ioas = new Ioas(ctx.memory, ctx.limits);
   ctx.reserve(ioas);
+  ioas.iopt.subject = `${ctx.subject}/ioas:${ioas.id}`;
   ctx.finalize(ioas);
   return ioas.id;
 }

@@ -1,6 +1,7 @@
 import type { DeviceInfo, NestedDomain, PagingDomain } from "./drivers/driver.js";
 import type { GuestMemory } from "./guest-memory.js";
 import { IoPagetable } from "./io-pagetable.js";
+import type { Limits } from "./limits.js";
 
 /**
  * The objects of one iommufd context (iommufd_private.h): each has an id in
@@ -25,9 +26,9 @@ export class Ioas extends IommufdObject {
   /** ioas->hwpt_list: paging HWPTs allocated on this IOAS, in creation order. */
   readonly hwpts: HwptPaging[] = [];
 
-  constructor(memory: GuestMemory) {
+  constructor(memory: GuestMemory, limits: Limits) {
     super();
-    this.iopt = new IoPagetable(memory);
+    this.iopt = new IoPagetable(memory, limits);
   }
 
   /** iommufd_ioas_destroy(): no HWPT holds it, so no domain is left to unmap from. */

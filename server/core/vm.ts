@@ -4,6 +4,7 @@ import { MockDriver } from "./drivers/mock/mock-driver.js";
 import { VtdDriver } from "./drivers/vtd/vtd-driver.js";
 import { fail } from "./errno.js";
 import { GUEST_MEMORY_MAX, GuestMemory, PAGE_SIZE } from "./guest-memory.js";
+import { checkQuota, DEFAULT_LIMITS, type Limits } from "./limits.js";
 
 /**
  * The service's VMs: each is one iommufd context with its guest RAM and its
@@ -22,6 +23,8 @@ export const DEFAULT_VM_OPTIONS: VmOptions = { iotlbEntries: 4096, pagingStructu
 export class Vm {
   constructor(
     readonly id: string,
+    /** The owning tenant ("" = the single implicit tenant of a server without TLS). */
+    readonly tenant: string,
     readonly model: IommuModel,
     readonly options: VmOptions,
     readonly ctx: IommufdContext,
@@ -29,6 +32,11 @@ export class Vm {
 
   get guestMemoryBytes(): number {
     return this.ctx.memory.size;
+  }
+
+  /** The VM's name across tenants: its vm_id, qualified by a named tenant. */
+  get name(): string {
+    return this.tenant === "" ? this.id : `${this.tenant}/${this.id}`;
   }
 }
 
@@ -59,10 +67,29 @@ function createDriver(model: IommuModel, options: VmOptions, memory: GuestMemory
   }
 }
 
+/** A tenant's VMs and what they consume against the tenant quotas. */
+interface Tenant {
+  readonly vms: Map<string, Vm>;
+  declaredBytes: number;
+  readonly usage: { touchedPages: number };
+}
+
+const tenantSubject = (tenant: string): string => `tenant:${tenant === "" ? "default" : tenant}`;
+
+/** Passed as the tenant to list every tenant's VMs (the admin identity). */
+export const ALL_TENANTS = Symbol("all tenants");
+
+/**
+ * Every VM of the server, per tenant: a tenant sees only its own VMs (another
+ * tenant's vm_id behaves as one that does not exist), and each tenant has its
+ * own vm_id namespace.
+ */
 export class VmRegistry {
-  private readonly vms = new Map<string, Vm>();
+  private readonly tenants = new Map<string, Tenant>();
   private readonly createdListeners: ((vm: Vm) => void)[] = [];
   private readonly destroyedListeners: ((vm: Vm) => void)[] = [];
+
+  constructor(readonly limits: Limits = DEFAULT_LIMITS) {}
 
   /** Call `listener` with every VM created from now on. */
   onCreated(listener: (vm: Vm) => void): void {
@@ -74,16 +101,20 @@ export class VmRegistry {
     this.destroyedListeners.push(listener);
   }
 
+  /** Live VMs of all tenants. */
   get size(): number {
-    return this.vms.size;
+    let n = 0;
+    for (const t of this.tenants.values()) n += t.vms.size;
+    return n;
   }
 
-  all(): IterableIterator<Vm> {
-    return this.vms.values();
+  /** Live VMs of all tenants. */
+  *all(): IterableIterator<Vm> {
+    for (const t of this.tenants.values()) yield* t.vms.values();
   }
 
-  /** Arguments are checked before existence. */
-  create(cmd: CreateVmCmd): Vm {
+  /** Arguments are checked before existence, existence before the tenant's quotas. */
+  create(tenant: string, cmd: CreateVmCmd): Vm {
     checkVmId(cmd.vmId);
     if (cmd.model === undefined) fail("EINVAL", "model is unset or unknown");
     const bytes = cmd.guestMemoryBytes;
@@ -92,43 +123,67 @@ export class VmRegistry {
     }
     const options: VmOptions = { ...DEFAULT_VM_OPTIONS, ...cmd.options };
     if (cmd.model === "arm_smmuv3") fail("EOPNOTSUPP", "the ARM SMMUv3 model is not implemented yet");
-    if (this.vms.has(cmd.vmId)) fail("EEXIST", `VM "${cmd.vmId}" already exists`);
-    const memory = new GuestMemory(Number(bytes));
-    const vm = new Vm(cmd.vmId, cmd.model, options, new IommufdContext(memory, createDriver(cmd.model, options, memory)));
-    this.vms.set(vm.id, vm);
+    const subject = `vm:${tenant === "" ? cmd.vmId : `${tenant}/${cmd.vmId}`}`;
+    checkQuota("guestMemoryBytesPerVm", this.limits, 0, Number(bytes), subject, "guest_memory_bytes");
+    checkQuota("iotlbEntriesPerVm", this.limits, 0, options.iotlbEntries, subject, "iotlb_entries");
+    const t = this.tenants.get(tenant) ?? { vms: new Map<string, Vm>(), declaredBytes: 0, usage: { touchedPages: 0 } };
+    if (t.vms.has(cmd.vmId)) fail("EEXIST", `VM "${cmd.vmId}" already exists`);
+    checkQuota("vmsPerTenant", this.limits, t.vms.size, 1, tenantSubject(tenant), "VMs");
+    checkQuota("guestMemoryBytesPerTenant", this.limits, t.declaredBytes, Number(bytes), tenantSubject(tenant), "declared guest RAM");
+
+    const memory = new GuestMemory(Number(bytes), { limits: this.limits, vmSubject: subject, tenantSubject: tenantSubject(tenant), tenant: t.usage });
+    const ctx = new IommufdContext(memory, createDriver(cmd.model, options, memory), this.limits, subject);
+    const vm = new Vm(cmd.vmId, tenant, cmd.model, options, ctx);
+    t.vms.set(vm.id, vm);
+    t.declaredBytes += vm.guestMemoryBytes;
+    this.tenants.set(tenant, t);
     for (const listener of this.createdListeners) listener(vm);
     return vm;
   }
 
-  /** A malformed vm_id is EINVAL, an unknown one ENOENT. */
-  get(vmId: string): Vm {
+  /** A malformed vm_id is EINVAL; an unknown one, or another tenant's, ENOENT. */
+  get(tenant: string, vmId: string): Vm {
     checkVmId(vmId);
-    const vm = this.vms.get(vmId);
+    const vm = this.tenants.get(tenant)?.vms.get(vmId);
     if (vm === undefined) fail("ENOENT", `VM "${vmId}" does not exist`);
     return vm;
   }
 
   /** Closing the iommufd: every object of the VM goes with it. */
-  destroy(vmId: string): void {
-    const vm = this.get(vmId);
-    this.vms.delete(vmId);
+  destroy(tenant: string, vmId: string): void {
+    const vm = this.get(tenant, vmId);
+    const t = this.tenants.get(tenant)!;
+    t.vms.delete(vmId);
+    t.declaredBytes -= vm.guestMemoryBytes;
+    t.usage.touchedPages -= vm.ctx.memory.touchedPages;
+    if (t.vms.size === 0) this.tenants.delete(tenant);
     for (const listener of this.destroyedListeners) listener(vm);
   }
 
   /**
-   * VMs ordered by vm_id. The page token is the last vm_id of the previous
-   * page, base64url-encoded so that clients treat it as opaque.
+   * A tenant's VMs (or every tenant's, for ALL_TENANTS) ordered by (tenant,
+   * vm_id). The page token names the last VM of the previous page,
+   * base64url-encoded so that clients treat it as opaque.
    */
-  list(pageSize: number, pageToken: string): { vms: Vm[]; nextPageToken: string } {
-    let after = "";
+  list(tenant: string | typeof ALL_TENANTS, pageSize: number, pageToken: string): { vms: Vm[]; nextPageToken: string } {
+    let after: [string, string] = ["", ""];
     if (pageToken !== "") {
-      after = Buffer.from(pageToken, "base64url").toString("utf8");
-      if (!VM_ID.test(after)) fail("EINVAL", "page_token is not a token this server issued");
+      try {
+        after = JSON.parse(Buffer.from(pageToken, "base64url").toString("utf8")) as [string, string];
+      } catch {
+        after = [] as unknown as [string, string];
+      }
+      if (!Array.isArray(after) || after.length !== 2 || typeof after[0] !== "string" || !VM_ID.test(after[1])) {
+        fail("EINVAL", "page_token is not a token this server issued");
+      }
     }
     const size = pageSize === 0 ? LIST_PAGE_SIZE_DEFAULT : Math.min(pageSize, LIST_PAGE_SIZE_MAX);
-    const ids = [...this.vms.keys()].filter((id) => id > after).sort();
-    const page = ids.slice(0, size);
-    const nextPageToken = ids.length > size ? Buffer.from(page[page.length - 1], "utf8").toString("base64url") : "";
-    return { vms: page.map((id) => this.vms.get(id)!), nextPageToken };
+    const key = (vm: Vm): [string, string] => [vm.tenant, vm.id];
+    const before = (a: [string, string], b: [string, string]) => a[0] < b[0] || (a[0] === b[0] && a[1] < b[1]);
+    const pool = tenant === ALL_TENANTS ? [...this.all()] : [...(this.tenants.get(tenant)?.vms.values() ?? [])];
+    const sorted = pool.filter((vm) => before(after, key(vm))).sort((a, b) => (before(key(a), key(b)) ? -1 : 1));
+    const page = sorted.slice(0, size);
+    const nextPageToken = sorted.length > size ? Buffer.from(JSON.stringify(key(page[page.length - 1])), "utf8").toString("base64url") : "";
+    return { vms: page, nextPageToken };
   }
 }

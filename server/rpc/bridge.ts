@@ -12,6 +12,8 @@ import {
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
+import { IommuError } from "../core/errno.js";
+import { QuotaError } from "../core/limits.js";
 
 /**
  * The bridge between protobuf-es descriptors and grpc-js: service definitions
@@ -19,21 +21,31 @@ import type * as grpc from "@grpc/grpc-js";
  * handlers, and the descriptor set server reflection serves.
  */
 
-/** A request whose bytes protobuf-es could not decode. */
-export class MalformedRequest {
-  constructor(readonly reason: string) {}
+/**
+ * A request that cannot be served as decoded: malformed bytes (EINVAL) or a
+ * message over the size quota (EDQUOT). A deserializer that throws makes
+ * grpc-js answer INTERNAL, so deserializers return this and handlers throw it.
+ */
+export function rejectedRequest(error: unknown): IommuError {
+  return error instanceof IommuError ? error : new IommuError("EINVAL", `malformed request: ${error instanceof Error ? error.message : String(error)}`);
 }
 
 function decoder(schema: DescMessage) {
-  // A deserializer that throws makes grpc-js answer INTERNAL; a malformed
-  // request is the caller's error, so hand it to the handler instead.
   return (bytes: Buffer) => {
     try {
       return fromBinary(schema, bytes);
     } catch (e) {
-      return new MalformedRequest(e instanceof Error ? e.message : String(e));
+      return rejectedRequest(e);
     }
   };
+}
+
+/** Wraps a deserializer with the message-size quota. */
+function sizeChecked(deserialize: (bytes: Buffer) => unknown, maxBytes: number) {
+  return (bytes: Buffer) =>
+    bytes.length > maxBytes
+      ? new QuotaError({ subject: "request", description: `maxMessageBytes = ${maxBytes}` }, `request of ${bytes.length} bytes exceeds the message size limit of ${maxBytes}`)
+      : deserialize(bytes);
 }
 
 function encoder(schema: DescMessage) {
@@ -46,8 +58,11 @@ export interface MethodCodec {
   responseSerialize(value: unknown): Buffer;
 }
 
-/** grpc-js method definitions for every method of a protobuf-es service. */
-export function serviceDefinition(service: DescService, codecs: Record<string, MethodCodec> = {}): grpc.ServiceDefinition {
+/**
+ * grpc-js method definitions for every method of a protobuf-es service;
+ * requests larger than maxRequestBytes are refused with EDQUOT.
+ */
+export function serviceDefinition(service: DescService, codecs: Record<string, MethodCodec> = {}, maxRequestBytes = Infinity): grpc.ServiceDefinition {
   const definition: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
   for (const method of service.methods) {
     const codec = codecs[method.localName];
@@ -57,7 +72,7 @@ export function serviceDefinition(service: DescService, codecs: Record<string, M
       requestStream: method.methodKind === "client_streaming" || method.methodKind === "bidi_streaming",
       responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
       requestSerialize: encoder(method.input) as (value: unknown) => Buffer,
-      requestDeserialize: codec?.requestDeserialize ?? decoder(method.input),
+      requestDeserialize: sizeChecked(codec?.requestDeserialize ?? decoder(method.input), maxRequestBytes),
       responseSerialize: codec?.responseSerialize ?? (encoder(method.output) as (value: unknown) => Buffer),
       responseDeserialize: (bytes: Buffer) => fromBinary(method.output, bytes),
     };
@@ -67,9 +82,9 @@ export function serviceDefinition(service: DescService, codecs: Record<string, M
 
 type Method<S extends GenServiceMethods, K extends keyof S> = S[K] & DescMethod;
 
-/** A typed unary implementation of every method of a generated service. */
-export type UnaryImplementation<S extends GenServiceMethods> = {
-  [K in keyof S]: (request: MessageShape<Method<S, K>["input"]>) => MessageInitShape<Method<S, K>["output"]>;
+/** A typed unary implementation of every method of a generated service; C is what it learns of the caller. */
+export type UnaryImplementation<S extends GenServiceMethods, C> = {
+  [K in keyof S]: (request: MessageShape<Method<S, K>["input"]>, caller: C) => MessageInitShape<Method<S, K>["output"]>;
 };
 
 /**
@@ -77,18 +92,19 @@ export type UnaryImplementation<S extends GenServiceMethods> = {
  * and turns anything thrown (or a malformed request) into a status through
  * `toStatus`.
  */
-export function unaryHandlers<S extends GenServiceMethods>(
+export function unaryHandlers<S extends GenServiceMethods, C>(
   service: GenService<S>,
-  implementation: UnaryImplementation<S>,
+  implementation: UnaryImplementation<S, C>,
+  caller: (call: grpc.ServerUnaryCall<unknown, unknown>) => C,
   toStatus: (error: unknown, method: DescMethod) => Partial<grpc.StatusObject>,
 ): grpc.UntypedServiceImplementation {
   const handlers: grpc.UntypedServiceImplementation = {};
   for (const method of service.methods) {
-    const fn = implementation[method.localName as keyof S] as (request: unknown) => MessageInitShape<DescMessage>;
+    const fn = implementation[method.localName as keyof S] as (request: unknown, caller: C) => MessageInitShape<DescMessage>;
     const handler: grpc.handleUnaryCall<unknown, unknown> = (call, callback) => {
       try {
-        if (call.request instanceof MalformedRequest) throw call.request;
-        callback(null, create(method.output, fn(call.request)));
+        if (call.request instanceof IommuError) throw call.request;
+        callback(null, create(method.output, fn(call.request, caller(call))));
       } catch (e) {
         callback(toStatus(e, method));
       }

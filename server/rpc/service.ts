@@ -10,11 +10,13 @@ import { hwptAlloc, hwptDumpIotlb, hwptInvalidate, iommufdDestroy } from "../cor
 import { ioasAlloc, ioasAllowIovas, ioasCopy, ioasIovaRanges, ioasMap, ioasUnmap, iommuOption, type IommuOption } from "../core/ioas.js";
 import { decodeHwInfo, type HwptData, type Invalidations } from "../core/uapi.js";
 import { DmaBatch } from "../core/translate/dma-batch.js";
-import { translate } from "../core/translate/translate.js";
+import { checkTranslateBatch, translate } from "../core/translate/translate.js";
 import * as grpc from "@grpc/grpc-js";
-import { MalformedRequest, type MethodCodec } from "./bridge.js";
+import type { MethodCodec } from "./bridge.js";
+import { IommuError } from "../core/errno.js";
 import { decodeTranslateRequest, encodeTranslateResponse, type TranslateWireRequest } from "./translate-codec.js";
-import type { IommuModel, Vm, VmRegistry } from "../core/vm.js";
+import { ALL_TENANTS, type IommuModel, type Vm, type VmRegistry } from "../core/vm.js";
+import type { CallContext } from "./identity.js";
 import type { UnaryImplementation } from "./bridge.js";
 
 /**
@@ -52,6 +54,7 @@ function vmToPb(vm: Vm): MessageInitShape<typeof VmSchema> {
       fiveLevel: vm.options.fiveLevel,
     },
     objectCount: vm.ctx.objectCount,
+    tenant: vm.tenant,
   };
 }
 
@@ -98,12 +101,12 @@ function hwInfoToPb(info: HwInfo): MessageInitShape<typeof HwInfoResponseSchema>
   }
 }
 
-export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementation<Service> {
-  const ctxOf = (vmId: string) => vms.get(vmId).ctx;
+export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementation<Service, CallContext> {
+  const ctxOf = (caller: CallContext, vmId: string) => vms.get(caller.tenant, vmId).ctx;
   return {
-    createVm(req) {
+    createVm(req, caller) {
       const o = req.options;
-      const vm = vms.create({
+      const vm = vms.create(caller.tenant, {
         vmId: req.vmId,
         model: MODEL_FROM_PB[req.model],
         guestMemoryBytes: req.guestMemoryBytes,
@@ -115,16 +118,16 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
       });
       return { vm: vmToPb(vm) };
     },
-    destroyVm(req) {
-      vms.destroy(req.vmId);
+    destroyVm(req, caller) {
+      vms.destroy(caller.tenant, req.vmId);
       return {};
     },
-    listVms(req) {
-      const page = vms.list(req.pageSize, req.pageToken);
+    listVms(req, caller) {
+      const page = vms.list(caller.admin ? ALL_TENANTS : caller.tenant, req.pageSize, req.pageToken);
       return { vms: page.vms.map(vmToPb), nextPageToken: page.nextPageToken };
     },
-    getStats(req) {
-      const ctx = ctxOf(req.vmId);
+    getStats(req, caller) {
+      const ctx = ctxOf(caller, req.vmId);
       const s = ctx.stats;
       return {
         stats: {
@@ -139,76 +142,78 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
       };
     },
 
-    bindDevice(req) {
-      return { devId: deviceBind(ctxOf(req.vmId), req) };
+    bindDevice(req, caller) {
+      return { devId: deviceBind(ctxOf(caller, req.vmId), req) };
     },
-    unbindDevice(req) {
-      deviceUnbind(ctxOf(req.vmId), req.devId);
+    unbindDevice(req, caller) {
+      deviceUnbind(ctxOf(caller, req.vmId), req.devId);
       return {};
     },
-    attachDevice(req) {
-      const ctx = ctxOf(req.vmId);
+    attachDevice(req, caller) {
+      const ctx = ctxOf(caller, req.vmId);
       return { hwptId: deviceAttach(ctx, { devId: req.devId, ptId: req.ptId, pasid: req.pasid ?? IOMMU_NO_PASID, replace: req.replace }) };
     },
-    detachDevice(req) {
-      deviceDetach(ctxOf(req.vmId), req.devId, req.pasid ?? IOMMU_NO_PASID);
+    detachDevice(req, caller) {
+      deviceDetach(ctxOf(caller, req.vmId), req.devId, req.pasid ?? IOMMU_NO_PASID);
       return {};
     },
-    hwInfo(req) {
-      return hwInfoToPb(deviceHwInfo(ctxOf(req.vmId), req.devId, req.dataType));
+    hwInfo(req, caller) {
+      return hwInfoToPb(deviceHwInfo(ctxOf(caller, req.vmId), req.devId, req.dataType));
     },
 
-    allocIoas(req) {
-      return { ioasId: ioasAlloc(ctxOf(req.vmId)) };
+    allocIoas(req, caller) {
+      return { ioasId: ioasAlloc(ctxOf(caller, req.vmId)) };
     },
-    mapIoas(req) {
-      return { iova: ioasMap(ctxOf(req.vmId), req) };
+    mapIoas(req, caller) {
+      return { iova: ioasMap(ctxOf(caller, req.vmId), req) };
     },
-    unmapIoas(req) {
-      return { length: ioasUnmap(ctxOf(req.vmId), req) };
+    unmapIoas(req, caller) {
+      return { length: ioasUnmap(ctxOf(caller, req.vmId), req) };
     },
-    copyIoas(req) {
-      return { dstIova: ioasCopy(ctxOf(req.vmId), req) };
+    copyIoas(req, caller) {
+      return { dstIova: ioasCopy(ctxOf(caller, req.vmId), req) };
     },
-    getIovaRanges(req) {
-      return ioasIovaRanges(ctxOf(req.vmId), req.ioasId);
+    getIovaRanges(req, caller) {
+      return ioasIovaRanges(ctxOf(caller, req.vmId), req.ioasId);
     },
-    allowIovas(req) {
-      ioasAllowIovas(ctxOf(req.vmId), req.ioasId, req.ranges);
+    allowIovas(req, caller) {
+      ioasAllowIovas(ctxOf(caller, req.vmId), req.ioasId, req.ranges);
       return {};
     },
-    setOption(req) {
-      const ctx = ctxOf(req.vmId);
+    setOption(req, caller) {
+      const ctx = ctxOf(caller, req.vmId);
       return { value: iommuOption(ctx, { option: OPTION_FROM_PB[req.option], op: "set", objectId: req.objectId, value: req.value }) };
     },
-    getOption(req) {
-      const ctx = ctxOf(req.vmId);
+    getOption(req, caller) {
+      const ctx = ctxOf(caller, req.vmId);
       return { value: iommuOption(ctx, { option: OPTION_FROM_PB[req.option], op: "get", objectId: req.objectId, value: 0n }) };
     },
 
-    allocHwpt(req) {
-      const ctx = ctxOf(req.vmId);
+    allocHwpt(req, caller) {
+      const ctx = ctxOf(caller, req.vmId);
       const flags = { nestParent: req.nestParent, dirtyTracking: req.dirtyTracking, pasid: req.pasid };
       return { hwptId: hwptAlloc(ctx, { devId: req.devId, ptId: req.ptId, flags, data: hwptDataOf(req.data) }) };
     },
-    invalidate(req) {
-      return { entriesHandled: hwptInvalidate(ctxOf(req.vmId), req.hwptId, invalidationsOf(req.requests)) };
+    invalidate(req, caller) {
+      return { entriesHandled: hwptInvalidate(ctxOf(caller, req.vmId), req.hwptId, invalidationsOf(req.requests)) };
     },
-    destroy(req) {
-      iommufdDestroy(ctxOf(req.vmId), req.id);
+    destroy(req, caller) {
+      iommufdDestroy(ctxOf(caller, req.vmId), req.id);
       return {};
     },
-    dumpIotlb(req) {
-      const dump = hwptDumpIotlb(ctxOf(req.vmId), req.hwptId);
+    dumpIotlb(req, caller) {
+      const dump = hwptDumpIotlb(ctxOf(caller, req.vmId), req.hwptId);
       return { selftestIotlb: [...dump.selftestIotlb], entries: dump.entries.map((e) => ({ ...e })) };
     },
 
-    writeGuestMemory(req) {
-      guestMemoryWrite(ctxOf(req.vmId).memory, req.gpa, req.data);
+    writeGuestMemory(req, caller) {
+      const ctx = ctxOf(caller, req.vmId);
+      guestMemoryWrite(ctx.memory, ctx.limits, req.gpa, req.data);
       return {};
     },
-    readGuestMemory(req) {
-      return { data: guestMemoryRead(ctxOf(req.vmId).memory, req.gpa, req.length) };
+    readGuestMemory(req, caller) {
+      const ctx = ctxOf(caller, req.vmId);
+      return { data: guestMemoryRead(ctx.memory, ctx.limits, req.gpa, req.length) };
     },
     translate() {
       // Served by translateHandler() with its own wire codec.
@@ -229,17 +234,31 @@ export const TRANSLATE_CODEC: MethodCodec = {
   responseSerialize: (value) => encodeTranslateResponse((value as TranslateResult).batch, (value as TranslateResult).req),
 };
 
-/** The Translate handler: the device's DMA, decoded and encoded without BigInt. */
+/**
+ * Accesses translated per event-loop turn: a huge batch (up to the
+ * translateBatch quota) yields between chunks so that other tenants' calls
+ * are not stalled behind it.
+ */
+export const TRANSLATE_CHUNK = 8192;
+
+/** The Translate handler: the device's DMA, decoded and encoded without BigInt, in chunks. */
 export function translateHandler(
   vms: VmRegistry,
+  caller: (call: grpc.ServerUnaryCall<unknown, unknown>) => CallContext,
   toStatus: (error: unknown) => Partial<grpc.StatusObject>,
-): grpc.handleUnaryCall<TranslateWireRequest | MalformedRequest, TranslateResult> {
-  return (call, callback) => {
+): grpc.handleUnaryCall<TranslateWireRequest | IommuError, TranslateResult> {
+  return async (call, callback) => {
     try {
       const req = call.request;
-      if (req instanceof MalformedRequest) throw req;
+      if (req instanceof IommuError) throw req;
+      const tenant = caller(call).tenant;
       const batch = new DmaBatch(req.iovaLo, req.iovaHi, req.write);
-      translate(vms.get(req.vmId).ctx, req.devId, req.pasid, batch);
+      checkTranslateBatch(vms.get(tenant, req.vmId).ctx, batch);
+      for (let start = 0; start < batch.count || start === 0; start += TRANSLATE_CHUNK) {
+        if (start > 0) await new Promise((resolve) => setImmediate(resolve));
+        // The VM is looked up again after every turn: it may have gone meanwhile.
+        translate(vms.get(tenant, req.vmId).ctx, req.devId, req.pasid, batch, start, Math.min(batch.count, start + TRANSLATE_CHUNK));
+      }
       callback(null, { batch, req });
     } catch (e) {
       callback(toStatus(e));

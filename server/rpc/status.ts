@@ -1,10 +1,10 @@
 import { create, toBinary } from "@bufbuild/protobuf";
 import { anyPack } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
-import { ErrorInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
+import { ErrorInfoSchema, QuotaFailureSchema } from "../../gen/google/rpc/error_details_pb.js";
 import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
 import { ERRNO, type Errno, IommuError } from "../core/errno.js";
-import { MalformedRequest } from "./bridge.js";
+import { QuotaError } from "../core/limits.js";
 
 /** google.rpc.ErrorInfo.domain of every error this service returns. */
 export const ERROR_DOMAIN = "iommufd.v1";
@@ -42,24 +42,21 @@ export function iommuErrorStatus(error: IommuError): Partial<grpc.StatusObject> 
   const metadata: Record<string, string> = { errno: String(ERRNO[error.errno]) };
   if (error.entriesHandled !== undefined) metadata.entries_handled = String(error.entriesHandled);
   const code = GRPC_CODE[error.errno];
-  const status = create(StatusSchema, {
-    code,
-    message: error.message,
-    details: [anyPack(ErrorInfoSchema, create(ErrorInfoSchema, { reason: error.errno, domain: ERROR_DOMAIN, metadata }))],
-  });
+  const details = [anyPack(ErrorInfoSchema, create(ErrorInfoSchema, { reason: error.errno, domain: ERROR_DOMAIN, metadata }))];
+  if (error instanceof QuotaError) details.push(anyPack(QuotaFailureSchema, create(QuotaFailureSchema, { violations: [error.violation] })));
+  const status = create(StatusSchema, { code, message: error.message, details });
   const trailers = new grpc.Metadata();
   trailers.set("grpc-status-details-bin", Buffer.from(toBinary(StatusSchema, status)));
   return { code, details: error.message, metadata: trailers };
 }
 
 /**
- * Any failure of a handler as a status. IommuErrors carry their errno; a
- * malformed request is EINVAL; anything else is a bug, reported as INTERNAL
- * and logged by `onBug`.
+ * Any failure of a handler as a status. IommuErrors carry their errno
+ * (malformed and oversize requests arrive as such); anything else is a bug,
+ * reported as INTERNAL and logged by `onBug`.
  */
 export function toStatus(error: unknown, onBug: (error: unknown) => void): Partial<grpc.StatusObject> {
   if (error instanceof IommuError) return iommuErrorStatus(error);
-  if (error instanceof MalformedRequest) return iommuErrorStatus(new IommuError("EINVAL", `malformed request: ${error.reason}`));
   onBug(error);
   return { code: grpc.status.INTERNAL, details: "internal error" };
 }

@@ -1,6 +1,7 @@
 import type { DmaBatch } from "../core/translate/dma-batch.js";
 import { faultName } from "../core/translate/fault.js";
-import { MalformedRequest } from "./bridge.js";
+import type { IommuError } from "../core/errno.js";
+import { rejectedRequest } from "./bridge.js";
 
 /**
  * The wire codec of Translate, the DMA hot path: TranslateRequest decoded
@@ -88,8 +89,8 @@ class Reader {
   }
 }
 
-/** Decodes a TranslateRequest; a malformed one becomes a MalformedRequest (EINVAL). */
-export function decodeTranslateRequest(buf: Buffer): TranslateWireRequest | MalformedRequest {
+/** Decodes a TranslateRequest; a malformed one becomes an EINVAL IommuError. */
+export function decodeTranslateRequest(buf: Buffer): TranslateWireRequest | IommuError {
   try {
     const r = new Reader(buf);
     const req: TranslateWireRequest = { vmId: "", devId: 0, pasid: undefined, iovaLo: new Uint32Array(0), iovaHi: new Uint32Array(0), write: false };
@@ -156,7 +157,7 @@ export function decodeTranslateRequest(buf: Buffer): TranslateWireRequest | Malf
     }
     return req;
   } catch (e) {
-    return new MalformedRequest((e as Error).message);
+    return rejectedRequest(e);
   }
 }
 

@@ -4,7 +4,7 @@ import { describe, expect, it } from "vitest";
 import { TranslateRequestSchema, TranslateResponseSchema } from "../../gen/iommufd/v1/dma_pb.js";
 import { DmaBatch } from "../../server/core/translate/dma-batch.js";
 import { FAULT, faultName } from "../../server/core/translate/fault.js";
-import { MalformedRequest } from "../../server/rpc/bridge.js";
+import { IommuError } from "../../server/core/errno.js";
 import { decodeTranslateRequest, encodeTranslateResponse, type TranslateWireRequest } from "../../server/rpc/translate-codec.js";
 
 // Translate's hand-written codec must agree with protobuf-es on every input.
@@ -17,7 +17,7 @@ describe("Translate wire codec (server/rpc/translate-codec.ts)", () => {
       fc.property(fc.string(), fc.nat(), fc.option(fc.nat({ max: 0xfffff }), { nil: undefined }), fc.array(u64, { maxLength: 64 }), fc.boolean(), (vmId, devId, pasid, iovas, write) => {
         const bytes = Buffer.from(toBinary(TranslateRequestSchema, create(TranslateRequestSchema, { vmId, devId, pasid, iovas, write })));
         const req = decodeTranslateRequest(bytes) as TranslateWireRequest;
-        expect(req).not.toBeInstanceOf(MalformedRequest);
+        expect(req).not.toBeInstanceOf(IommuError);
         expect([req.vmId, req.devId, req.pasid, req.write]).toEqual([vmId, devId, pasid, write]);
         expect(Array.from(req.iovaLo, (lo, i) => (BigInt(req.iovaHi[i]) << 32n) | BigInt(lo))).toEqual(iovas);
       }),
@@ -51,14 +51,14 @@ describe("Translate wire codec (server/rpc/translate-codec.ts)", () => {
     );
   });
 
-  it("answers malformed bytes with a MalformedRequest, never a throw", () => {
+  it("answers malformed bytes with an EINVAL IommuError, never a throw", () => {
     fc.assert(
       fc.property(fc.uint8Array({ maxLength: 64 }), (bytes) => {
         const out = decodeTranslateRequest(Buffer.from(bytes));
-        expect(out instanceof MalformedRequest || typeof (out as TranslateWireRequest).vmId === "string").toBe(true);
+        expect(out instanceof IommuError || typeof (out as TranslateWireRequest).vmId === "string").toBe(true);
       }),
       { numRuns: 2000, seed: 3 },
     );
-    expect(decodeTranslateRequest(Buffer.from([0x22, 0x05, 0x80]))).toBeInstanceOf(MalformedRequest);
+    expect(decodeTranslateRequest(Buffer.from([0x22, 0x05, 0x80]))).toBeInstanceOf(IommuError);
   });
 });

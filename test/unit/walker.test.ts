@@ -85,7 +85,7 @@ function indexAt(address: number, level: number): number {
 
 function run(r: Rig, domain: VtdNestedDomain | VtdPagingDomain, iovas: bigint[], write = false) {
   const batch = DmaBatch.fromIovas(iovas, write);
-  r.walker.translate(domain, 0, batch);
+  r.walker.translate(domain, 0, batch, 0, batch.count);
   return { fault: [...batch.fault], addr: [...batch.addr], refs: [...batch.refs], hits: batch.hits, misses: batch.misses };
 }
 

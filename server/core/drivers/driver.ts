@@ -120,9 +120,9 @@ export interface IommuDriver {
 
   /**
    * A device's DMA through `domain` for requests with `pasid` (0 = without
-   * PASID): fills the batch's per-access results and counters.
+   * PASID): fills accesses [start, end) of the batch and its counters.
    */
-  translate(domain: IommuDomain, pasid: number, batch: DmaBatch): void;
+  translate(domain: IommuDomain, pasid: number, batch: DmaBatch, start: number, end: number): void;
 }
 
 /** One cached translation as DumpIotlb reports it. */

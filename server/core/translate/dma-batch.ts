@@ -55,11 +55,11 @@ export class DmaBatch {
     return this.iovaLo.length;
   }
 
-  /** Every access faults with `reason` (no walk, neither hit nor miss). */
-  faultAll(reason: number): void {
-    this.fault.fill(reason);
-    this.faults += this.count;
-    (this.faultReasons ??= new Float64Array(256))[reason] += this.count;
+  /** Accesses [start, end) fault with `reason` (no walk, neither hit nor miss). */
+  faultRange(reason: number, start: number, end: number): void {
+    this.fault.fill(reason, start, end);
+    this.faults += end - start;
+    (this.faultReasons ??= new Float64Array(256))[reason] += end - start;
   }
 
   /** Record access i's fault (the walk's slow path). */

@@ -142,21 +142,20 @@ export class TranslationCache {
   }
 
   /**
-   * The IOTLB hit path for a run of accesses: from index `start`, while the
-   * access (iovaLo[i], iovaHi[i]) hits a live entry of `tag` whose perm bits
-   * include `need`, write the cached address plus the page offset to out[i].
-   * Returns the index of the first access that missed (or iovaLo.length).
+   * The IOTLB hit path for a run of accesses: from index `start` to `end`,
+   * while the access (iovaLo[i], iovaHi[i]) hits a live entry of `tag` whose
+   * perm bits include `need`, write the cached address plus the page offset
+   * to out[i]. Returns the index of the first access that missed (or end).
    * Kept free of calls so the engine holds every array in a register.
    */
-  hitRun(tag: number, iovaLo: Uint32Array, iovaHi: Uint32Array, start: number, need: number, out: Float64Array): number {
+  hitRun(tag: number, iovaLo: Uint32Array, iovaHi: Uint32Array, start: number, end: number, need: number, out: Float64Array): number {
     const mask = tag < this.tagClassMask.length ? this.tagClassMask[tag] : 0;
     if (mask === 0) return start;
     const gen = this.tagGen[tag];
     const salt = Math.imul(tag, 0x9e3779b1);
     const { shifts, buckets, chainNext, pageLo, pageHi, stamp, perm, addr, referenced, bucketMask } = this;
-    const n = iovaLo.length;
     let i = start;
-    outer: for (; i < n; i++) {
+    outer: for (; i < end; i++) {
       const aLo = iovaLo[i];
       const aHi = iovaHi[i];
       for (let c = 0; mask >> c !== 0; c++) {

@@ -111,7 +111,7 @@ class MockNestedDomain implements NestedDomain {
         processed++;
       }
     } catch (e) {
-      if (e instanceof IommuError) throw new IommuError(e.errno, e.message, processed);
+      if (e instanceof IommuError) throw e.withEntriesHandled(processed);
       throw e;
     }
     return processed;
@@ -187,11 +187,11 @@ export class MockDriver implements IommuDriver {
    * domain's stage 1 is the identity over its parent's). The mock has no
    * IOTLB, so every access is a miss that reads one entry.
    */
-  translate(domain: IommuDomain, _pasid: number, batch: DmaBatch): void {
+  translate(domain: IommuDomain, _pasid: number, batch: DmaBatch, start: number, end: number): void {
     const table = (domain.type === "paging" ? domain : domain.parent) as MockPagingDomain;
     batch.mode = domain.type === "paging" ? "stage2" : "nested";
     const { iovaLo, iovaHi, addr, refs, write } = batch;
-    for (let i = 0; i < iovaLo.length; i++) {
+    for (let i = start; i < end; i++) {
       batch.misses++;
       refs[i] = 1;
       batch.references++;

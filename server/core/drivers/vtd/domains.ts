@@ -122,7 +122,7 @@ export class VtdNestedDomain implements NestedDomain, TaggedDomain {
         processed++;
       }
     } catch (e) {
-      if (e instanceof IommuError) throw new IommuError(e.errno, e.message, processed);
+      if (e instanceof IommuError) throw e.withEntriesHandled(processed);
       throw e;
     }
     return processed;

@@ -151,7 +151,7 @@ export class VtdDriver implements IommuDriver {
     return { selftestIotlb: [], entries };
   }
 
-  translate(domain: IommuDomain, pasid: number, batch: DmaBatch): void {
-    this.walker.translate(domain as VtdPagingDomain | VtdNestedDomain, pasid, batch);
+  translate(domain: IommuDomain, pasid: number, batch: DmaBatch, start: number, end: number): void {
+    this.walker.translate(domain as VtdPagingDomain | VtdNestedDomain, pasid, batch, start, end);
   }
 }

@@ -80,8 +80,8 @@ export class VtdWalker {
     private readonly caches: VtdCaches,
   ) {}
 
-  /** Translate every access of `batch` through a paging or nested domain. */
-  translate(domain: VtdPagingDomain | VtdNestedDomain, pasid: number, batch: DmaBatch): void {
+  /** Translate accesses [start, end) of `batch` through a paging or nested domain. */
+  translate(domain: VtdPagingDomain | VtdNestedDomain, pasid: number, batch: DmaBatch, start: number, end: number): void {
     const iotlb = this.caches.iotlb;
     const nested = domain.type === "nested";
     // The IOTLB is tagged by PASID only for first-stage and nested
@@ -97,12 +97,11 @@ export class VtdWalker {
     const need = write ? PERM_W | PERM_D : PERM_R;
     let hits = 0;
     let references = 0;
-    const n = iovaLo.length;
-    for (let i = 0; i < n; i++) {
-      const j = iotlb.hitRun(tag, iovaLo, iovaHi, i, need, addr);
+    for (let i = start; i < end; i++) {
+      const j = iotlb.hitRun(tag, iovaLo, iovaHi, i, end, need, addr);
       hits += j - i;
       i = j;
-      if (i === n) break;
+      if (i === end) break;
       const lo = iovaLo[i];
       const hi = iovaHi[i];
       const code = nested ? this.walkNested(domain as VtdNestedDomain, tag, lo, hi, write) : this.walkSecondStage(domain as VtdPagingDomain, lo, hi, write);
@@ -118,7 +117,7 @@ export class VtdWalker {
       iotlb.insert(tag, (s - 12) / 9, lo, hi, this.hpa - ((lo & ((1 << s) - 1)) >>> 0), this.perm);
     }
     batch.hits += hits;
-    batch.misses += n - hits;
+    batch.misses += end - start - hits;
     batch.references += references;
   }
 
