@@ -9,6 +9,7 @@ import { file_google_rpc_status } from "../gen/google/rpc/status_pb.js";
 import { file_grpc_health_v1_health } from "../gen/grpc/health/v1/health_pb.js";
 import { file_iommufd_v1_service, IommufdService } from "../gen/iommufd/v1/service_pb.js";
 import type { Config } from "./config.js";
+import { IommuError } from "./core/errno.js";
 import { VmRegistry } from "./core/vm.js";
 import { createMetrics } from "./metrics/registry.js";
 import { reflectionPackage, serviceDefinition, unaryHandlers } from "./rpc/bridge.js";
@@ -79,7 +80,12 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
   const identity = { mutualTls: config.tls?.clientCa !== undefined, adminIdentity: config.adminIdentity };
   const caller = (call: grpc.ServerUnaryCall<unknown, unknown>) => callIdentity(call, identity);
-  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), caller, (e) => toStatus(e, onBug));
+  // Every failed Invalidate reports entries_handled, 0 when it failed before
+  // any entry was looked at (unknown VM, malformed request): api.md.
+  const withEntries = (e: unknown) => (e instanceof IommuError && e.entriesHandled === undefined ? e.withEntriesHandled(0) : e);
+  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), caller, (e, method) =>
+    toStatus(method.name === "Invalidate" ? withEntries(e) : e, onBug),
+  );
   handlers.translate = translateHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
   server.addService(iommufdDefinition, handlers);
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });

@@ -313,3 +313,10 @@ describe("nested HWPT allocation core rules (iommufd-semantics.md §3.9)", () =>
     await expectFail(vm.v.allocHwpt({ devId: dev, ptId: parent, data: { case: "raw", value: { dataType: 0xbeef, data: selftestHwptBytes(1) } } }), "EOPNOTSUPP");
   });
 });
+
+describe("Invalidate always reports entries_handled on failure (api.md Hardware page tables)", () => {
+  it("is 0 when the call fails before any entry is looked at: an unknown VM", async () => {
+    const e = await env.client.invalidate({ vmId: "no-such-vm", hwptId: 1, requests: { case: "selftest", value: { entries: [] } } }).catch((err: unknown) => err);
+    expect(e).toMatchObject({ errno: "ENOENT", entriesHandled: 0 });
+  });
+});
