@@ -16,6 +16,7 @@ import { reflectionPackage, serviceDefinition, unaryHandlers } from "./rpc/bridg
 import { WatchCalls } from "./rpc/inflight.js";
 import { iommufdServiceImplementation, TRANSLATE_CODEC, translateHandler } from "./rpc/service.js";
 import { callIdentity } from "./rpc/identity.js";
+import { exportVmHandler, importVmHandler } from "./rpc/snapshot.js";
 import { toStatus } from "./rpc/status.js";
 
 export const SERVICE_NAME = IommufdService.typeName;
@@ -79,7 +80,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
 
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
   const identity = { mutualTls: config.tls?.clientCa !== undefined, adminIdentity: config.adminIdentity };
-  const caller = (call: grpc.ServerUnaryCall<unknown, unknown>) => callIdentity(call, identity);
+  const caller = (call: Parameters<typeof callIdentity>[0]) => callIdentity(call, identity);
   // Every failed Invalidate reports entries_handled, 0 when it failed before
   // any entry was looked at (unknown VM, malformed request): api.md.
   const withEntries = (e: unknown) => (e instanceof IommuError && e.entriesHandled === undefined ? e.withEntriesHandled(0) : e);
@@ -87,6 +88,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     toStatus(method.name === "Invalidate" ? withEntries(e) : e, onBug),
   );
   handlers.translate = translateHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
+  handlers.exportVm = exportVmHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
+  handlers.importVm = importVmHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
   server.addService(iommufdDefinition, handlers);
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
   health.addToServer(server);

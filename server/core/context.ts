@@ -88,6 +88,13 @@ export class IommufdContext {
     obj.id = this.ids.alloc();
   }
 
+  /** Reserve a given id (restoring a snapshot). */
+  reserveId(obj: IommufdObject, id: number): void {
+    checkQuota("objectsPerVm", this.limits, this.table.size, 1, this.subject, "objects");
+    this.ids.claim(id);
+    obj.id = id;
+  }
+
   /** iommufd_object_finalize(): publish a reserved object. */
   finalize(obj: IommufdObject): void {
     this.table.set(obj.id, obj);

@@ -111,6 +111,15 @@ export class GuestMemory {
     return n;
   }
 
+  /** The page numbers of every touched page, ascending. */
+  *touchedPageNumbers(): IterableIterator<number> {
+    for (let r = 0; r < this.regions.length; r++) {
+      const region = this.regions[r];
+      if (region === undefined) continue;
+      for (let i = 0; i < REGION_PAGES; i++) if (region[i] !== undefined) yield r * REGION_PAGES + i;
+    }
+  }
+
   /** Copies `data` to guest RAM at `gpa`; EFAULT if it does not fit. */
   write(gpa: number, data: Uint8Array): void {
     if (!this.contains(gpa, data.length)) {

@@ -74,7 +74,7 @@ function hwptNestedAlloc(ctx: IommufdContext, parent: HwptPaging, idev: Device, 
     fail("EINVAL", `HWPT ${parent.id} is ${parent.autoDomain ? "an automatic domain" : "not a nest parent"}`);
   }
   const domain = ctx.driver.allocNested(idev, parent.domain, flags, userData);
-  const hwpt = new HwptNested(parent, domain, flags.pasid);
+  const hwpt = new HwptNested(parent, domain, flags.pasid, userData);
   ctx.reserve(hwpt);
   parent.users++;
   return hwpt;

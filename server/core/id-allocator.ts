@@ -20,6 +20,23 @@ export class IdAllocator {
     return this.next++;
   }
 
+  /**
+   * Take a specific id (restoring a snapshot): lower ids never handed out
+   * become free ones, so the lowest-free policy holds afterwards.
+   */
+  claim(id: number): void {
+    if (id >= this.next) {
+      for (let free = this.next; free < id; free++) this.free(free);
+      this.next = id + 1;
+      return;
+    }
+    const i = this.freed.indexOf(id);
+    if (i < 0) throw new Error(`id ${id} is already in use`);
+    const rest = this.freed.filter((f) => f !== id);
+    this.freed.length = 0;
+    for (const f of rest) this.free(f);
+  }
+
   free(id: number): void {
     const heap = this.freed;
     heap.push(id);

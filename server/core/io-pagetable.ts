@@ -80,6 +80,10 @@ export class IoPagetable {
     return this.areas;
   }
 
+  allowedRanges(): readonly IovaRange[] {
+    return this.allowed;
+  }
+
   /** Index of the first area whose last >= iova (binary search). */
   private lowerBound(iova: bigint): number {
     let lo = 0;

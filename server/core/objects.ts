@@ -1,4 +1,4 @@
-import type { DeviceInfo, NestedDomain, PagingDomain } from "./drivers/driver.js";
+import type { DeviceInfo, NestedDomain, PagingDomain, UserData } from "./drivers/driver.js";
 import type { GuestMemory } from "./guest-memory.js";
 import { IoPagetable } from "./io-pagetable.js";
 import type { Limits } from "./limits.js";
@@ -74,6 +74,8 @@ export class HwptNested extends IommufdObject {
     readonly parent: HwptPaging,
     readonly domain: NestedDomain,
     readonly pasidCompat: boolean,
+    /** The user data it was allocated with (kept for snapshots). */
+    readonly userData: UserData,
   ) {
     super();
   }

@@ -52,7 +52,7 @@ export interface CreateVmCmd {
   options: Partial<VmOptions>;
 }
 
-function checkVmId(vmId: string): void {
+export function checkVmId(vmId: string): void {
   if (!VM_ID.test(vmId)) fail("EINVAL", `vm_id "${vmId.slice(0, 80)}" is not a DNS label (^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$)`);
 }
 
@@ -72,6 +72,8 @@ interface Tenant {
   readonly vms: Map<string, Vm>;
   declaredBytes: number;
   readonly usage: { touchedPages: number };
+  /** VMs prepared and not yet adopted or discarded (imports in flight). */
+  preparing: number;
 }
 
 const tenantSubject = (tenant: string): string => `tenant:${tenant === "" ? "default" : tenant}`;
@@ -115,6 +117,33 @@ export class VmRegistry {
 
   /** Arguments are checked before existence, existence before the tenant's quotas. */
   create(tenant: string, cmd: CreateVmCmd): Vm {
+    const vm = this.prepare(tenant, cmd);
+    this.adopt(vm);
+    return vm;
+  }
+
+  private tenantOf(tenant: string): Tenant {
+    let t = this.tenants.get(tenant);
+    if (t === undefined) {
+      t = { vms: new Map(), declaredBytes: 0, usage: { touchedPages: 0 }, preparing: 0 };
+      this.tenants.set(tenant, t);
+    }
+    return t;
+  }
+
+  /** Existence, then the tenant's quotas for one more VM of `bytes`. */
+  private checkRoom(tenant: string, vmId: string, bytes: number): void {
+    const t = this.tenants.get(tenant);
+    if (t?.vms.has(vmId)) fail("EEXIST", `VM "${vmId}" already exists`);
+    checkQuota("vmsPerTenant", this.limits, t?.vms.size ?? 0, 1, tenantSubject(tenant), "VMs");
+    checkQuota("guestMemoryBytesPerTenant", this.limits, t?.declaredBytes ?? 0, bytes, tenantSubject(tenant), "declared guest RAM");
+  }
+
+  /**
+   * A new VM, checked against every rule and quota but not yet visible: an
+   * import fills it before adopt() publishes it (or discard() drops it).
+   */
+  prepare(tenant: string, cmd: CreateVmCmd): Vm {
     checkVmId(cmd.vmId);
     if (cmd.model === undefined) fail("EINVAL", "model is unset or unknown");
     const bytes = cmd.guestMemoryBytes;
@@ -126,19 +155,30 @@ export class VmRegistry {
     const subject = `vm:${tenant === "" ? cmd.vmId : `${tenant}/${cmd.vmId}`}`;
     checkQuota("guestMemoryBytesPerVm", this.limits, 0, Number(bytes), subject, "guest_memory_bytes");
     checkQuota("iotlbEntriesPerVm", this.limits, 0, options.iotlbEntries, subject, "iotlb_entries");
-    const t = this.tenants.get(tenant) ?? { vms: new Map<string, Vm>(), declaredBytes: 0, usage: { touchedPages: 0 } };
-    if (t.vms.has(cmd.vmId)) fail("EEXIST", `VM "${cmd.vmId}" already exists`);
-    checkQuota("vmsPerTenant", this.limits, t.vms.size, 1, tenantSubject(tenant), "VMs");
-    checkQuota("guestMemoryBytesPerTenant", this.limits, t.declaredBytes, Number(bytes), tenantSubject(tenant), "declared guest RAM");
-
+    this.checkRoom(tenant, cmd.vmId, Number(bytes));
+    const t = this.tenantOf(tenant);
+    t.preparing++;
     const memory = new GuestMemory(Number(bytes), { limits: this.limits, vmSubject: subject, tenantSubject: tenantSubject(tenant), tenant: t.usage });
     const ctx = new IommufdContext(memory, createDriver(cmd.model, options, memory), this.limits, subject);
-    const vm = new Vm(cmd.vmId, tenant, cmd.model, options, ctx);
+    return new Vm(cmd.vmId, tenant, cmd.model, options, ctx);
+  }
+
+  /** Publish a prepared VM (existence and quotas are checked again). */
+  adopt(vm: Vm): void {
+    this.checkRoom(vm.tenant, vm.id, vm.guestMemoryBytes);
+    const t = this.tenantOf(vm.tenant);
+    t.preparing--;
     t.vms.set(vm.id, vm);
     t.declaredBytes += vm.guestMemoryBytes;
-    this.tenants.set(tenant, t);
     for (const listener of this.createdListeners) listener(vm);
-    return vm;
+  }
+
+  /** Drop a prepared VM that was never adopted, giving back the RAM it touched. */
+  discard(vm: Vm): void {
+    const t = this.tenantOf(vm.tenant);
+    t.preparing--;
+    t.usage.touchedPages -= vm.ctx.memory.touchedPages;
+    if (t.vms.size === 0 && t.preparing === 0) this.tenants.delete(vm.tenant);
   }
 
   /** A malformed vm_id is EINVAL; an unknown one, or another tenant's, ENOENT. */
@@ -156,7 +196,7 @@ export class VmRegistry {
     t.vms.delete(vmId);
     t.declaredBytes -= vm.guestMemoryBytes;
     t.usage.touchedPages -= vm.ctx.memory.touchedPages;
-    if (t.vms.size === 0) this.tenants.delete(tenant);
+    if (t.vms.size === 0 && t.preparing === 0) this.tenants.delete(tenant);
     for (const listener of this.destroyedListeners) listener(vm);
   }
 

@@ -82,9 +82,12 @@ export function serviceDefinition(service: DescService, codecs: Record<string, M
 
 type Method<S extends GenServiceMethods, K extends keyof S> = S[K] & DescMethod;
 
-/** A typed unary implementation of every method of a generated service; C is what it learns of the caller. */
+/**
+ * A typed implementation of every unary method of a generated service; C is
+ * what it learns of the caller. Streaming methods have handlers of their own.
+ */
 export type UnaryImplementation<S extends GenServiceMethods, C> = {
-  [K in keyof S]: (request: MessageShape<Method<S, K>["input"]>, caller: C) => MessageInitShape<Method<S, K>["output"]>;
+  [K in keyof S as S[K]["methodKind"] extends "unary" ? K : never]: (request: MessageShape<Method<S, K>["input"]>, caller: C) => MessageInitShape<Method<S, K>["output"]>;
 };
 
 /**
@@ -100,7 +103,8 @@ export function unaryHandlers<S extends GenServiceMethods, C>(
 ): grpc.UntypedServiceImplementation {
   const handlers: grpc.UntypedServiceImplementation = {};
   for (const method of service.methods) {
-    const fn = implementation[method.localName as keyof S] as (request: unknown, caller: C) => MessageInitShape<DescMessage>;
+    if (method.methodKind !== "unary") continue;
+    const fn = implementation[method.localName as keyof typeof implementation] as (request: unknown, caller: C) => MessageInitShape<DescMessage>;
     const handler: grpc.handleUnaryCall<unknown, unknown> = (call, callback) => {
       try {
         if (call.request instanceof IommuError) throw call.request;

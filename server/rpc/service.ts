@@ -43,7 +43,7 @@ const OPTION_FROM_PB: Partial<Record<IommuOptionPb, IommuOption>> = {
   [IommuOptionPb.HUGE_PAGES]: "huge_pages",
 };
 
-function vmToPb(vm: Vm): MessageInitShape<typeof VmSchema> {
+export function vmToPb(vm: Vm): MessageInitShape<typeof VmSchema> {
   return {
     vmId: vm.id,
     model: MODEL_TO_PB[vm.model],

@@ -155,6 +155,17 @@ async function buildTenantAVm(a: IommufdClient): Promise<TenantAVm> {
   return { ioasId, spareIoasId, devId, parentId, nestedId };
 }
 
+/** A snapshot of an empty VM of B's (for B's ImportVm). */
+let bSnapshot: Buffer | undefined;
+async function snapshotOfB(b: IommufdClient): Promise<Buffer> {
+  if (bSnapshot === undefined) {
+    await b.createVm({ vmId: "b-template", model: IommuModel.INTEL_VTD, guestMemoryBytes: GUEST_RAM });
+    bSnapshot = await b.exportVm({ vmId: "b-template" });
+    await b.destroyVm({ vmId: "b-template" });
+  }
+  return bSnapshot;
+}
+
 /** RPCs whose request names a VM: every one with a vm_id field, except ListVms (vm_id unused). */
 const VM_SCOPED_RPCS = IommufdService.methods
   .filter((m) => m.input.fields.some((f) => f.name === "vm_id") && m.localName !== "listVms")
@@ -170,6 +181,8 @@ type VmScopedRpc = Exclude<RpcName, "listVms">;
 function crossTenantCalls(b: IommufdClient, a: TenantAVm): Record<VmScopedRpc, (vmId: string) => Promise<unknown>> {
   return {
     createVm: (vmId) => b.createVm({ vmId, model: IommuModel.INTEL_VTD, guestMemoryBytes: GUEST_RAM }),
+    importVm: async (vmId) => b.importVm({ vmId, snapshot: await snapshotOfB(b) }),
+    exportVm: (vmId) => b.exportVm({ vmId }),
     destroyVm: (vmId) => b.destroyVm({ vmId }),
     getStats: (vmId) => b.getStats({ vmId }),
     bindDevice: (vmId) => b.bindDevice({ vmId, name: "0000:00:05.0" }),
@@ -271,16 +284,16 @@ describe("mutual TLS: tenants", () => {
 
     const { actual, nonexistent } = await alongsideNonexistentVm(call, A_VM);
     try {
-      if (rpc === "createVm") {
-        // B's vm_id namespace is its own: creating A's vm_id succeeds as on a
-        // free id, a VM of B's (tenant B, no objects).
+      if (rpc === "createVm" || rpc === "importVm") {
+        // B's vm_id namespace is its own: creating (or importing as) A's
+        // vm_id succeeds as on a free id, a VM of B's (tenant B, no objects).
         expect(nonexistent).toMatchObject({ response: { vm: { vmId: "<vm_id>", tenant: TENANT_B, objectCount: 0 } } });
       } else {
         expect(nonexistent).toMatchObject(ENOENT_OUTCOME);
       }
       expect(actual).toEqual(nonexistent);
     } finally {
-      if (rpc === "createVm") {
+      if (rpc === "createVm" || rpc === "importVm") {
         for (const vmId of [A_VM, NEVER_CREATED]) await b.destroyVm({ vmId }).catch(() => undefined);
       }
     }

@@ -10,6 +10,7 @@ import { IommuOption } from "../../gen/iommufd/v1/ioas_pb.js";
 import {
   bind,
   expectFail,
+  expectInvalidateFail,
   IommuModel,
   ioas,
   map,
@@ -40,7 +41,11 @@ const WELL_FORMED: { [K in RpcName]?: Parameters<VmMethods[K]>[0] } = {
 };
 
 /** Every RPC that takes a VM (all but CreateVm, which creates it, and ListVms, whose vm_id is unused). */
-const VM_RPCS = IommufdService.methods.map((m) => m.localName as RpcName).filter((name) => name !== "createVm" && name !== "listVms");
+/** RPCs that look a VM up (CreateVm and ImportVm make one; ListVms takes none). */
+const VM_RPCS = IommufdService.methods.map((m) => m.localName as RpcName).filter((name) => !["createVm", "importVm", "listVms"].includes(name));
+
+/** A failure of `rpc`: Invalidate's always carry entries_handled, 0 before any entry was looked at (api.md). */
+const expectRpcFail = (rpc: RpcName, call: Promise<unknown>, errno: Parameters<typeof expectFail>[1]) => (rpc === "invalidate" ? expectInvalidateFail(call, errno, 0) : expectFail(call, errno));
 
 const call = (vmId: string, rpc: RpcName) => {
   const methods = env.client.vm(vmId) as unknown as Record<string, (req: object) => Promise<unknown>>;
@@ -117,11 +122,11 @@ describe("CreateVm (api.md VM lifecycle)", () => {
 
 describe("vm_id on every RPC (api.md Errors, service-level cases)", () => {
   it.each(VM_RPCS.map((rpc) => [rpc]))("%s: a malformed vm_id is INVALID_ARGUMENT/EINVAL, checked before the VM lookup", async (rpc) => {
-    for (const vmId of ["", "Bad_Id", "x".repeat(64)]) await expectFail(call(vmId, rpc), "EINVAL");
+    for (const vmId of ["", "Bad_Id", "x".repeat(64)]) await expectRpcFail(rpc, call(vmId, rpc), "EINVAL");
   });
 
   it.each(VM_RPCS.map((rpc) => [rpc]))("%s: an unknown vm_id is NOT_FOUND/ENOENT", async (rpc) => {
-    await expectFail(call("no-such-vm", rpc), "ENOENT");
+    await expectRpcFail(rpc, call("no-such-vm", rpc), "ENOENT");
   });
 });
 

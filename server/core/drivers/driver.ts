@@ -118,6 +118,9 @@ export interface IommuDriver {
    */
   dumpIotlb(domain: IommuDomain): IotlbDump;
 
+  /** Restore what dumpIotlb() showed as selftestIotlb (a snapshot of a mock nested domain). */
+  restoreSelftestIotlb?(domain: NestedDomain, values: readonly number[]): void;
+
   /**
    * A device's DMA through `domain` for requests with `pasid` (0 = without
    * PASID): fills accesses [start, end) of the batch and its counters.

@@ -207,6 +207,10 @@ export class MockDriver implements IommuDriver {
     }
   }
 
+  restoreSelftestIotlb(domain: NestedDomain, values: readonly number[]): void {
+    if (domain instanceof MockNestedDomain) domain.iotlb.set(values.slice(0, MOCK_NESTED_DOMAIN_IOTLB_NUM));
+  }
+
   /** IOMMU_TEST_OP_MD_CHECK_IOTLB reads a mock nested domain's iotlb values. */
   dumpIotlb(domain: IommuDomain): IotlbDump {
     if (!(domain instanceof MockNestedDomain)) fail("ENOENT", "not a mock nested HWPT");
