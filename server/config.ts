@@ -23,6 +23,10 @@ export interface Config {
   readonly insecure: boolean;
   /** The client identity that may list every tenant's VMs. */
   readonly adminIdentity: string | undefined;
+  /** Where VMs are kept across restarts (state-dir.ts), or undefined: in memory only. */
+  readonly stateDir: string | undefined;
+  /** With stateDir: how often every VM is also snapshotted while running (undefined = only at shutdown). */
+  readonly snapshotIntervalMs: number | undefined;
   readonly limits: Limits;
 }
 
@@ -44,6 +48,17 @@ function positiveInt(value: string, what: string): number {
   return n;
 }
 
+const DURATION_UNIT_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/** "500ms", "30s", "5m", "1h"; "off" = undefined. */
+function durationOrOff(value: string, what: string): number | undefined {
+  if (value === "off") return undefined;
+  const m = /^(\d+)(ms|s|m|h)$/.exec(value);
+  const ms = m ? Number(m[1]) * DURATION_UNIT_MS[m[2]] : 0;
+  if (!Number.isSafeInteger(ms) || ms <= 0) throw new ConfigError(`${what} must be a duration like 500ms, 30s, 5m, 1h, or "off", got "${value}"`);
+  return ms;
+}
+
 function pem(value: string, what: string): Buffer {
   try {
     return readFileSync(value);
@@ -60,6 +75,8 @@ interface Option<T> {
   readonly env: string;
   readonly parse: (value: string, what: string) => T;
   readonly fallback: T;
+  /** The default as the usage text shows it, when not String(fallback). */
+  readonly shownDefault?: string;
   readonly help: string;
 }
 
@@ -67,6 +84,7 @@ const METAVARS = new Map<Function, string>([
   [hostPort, "HOST:PORT"],
   [hostPortOrOff, "HOST:PORT"],
   [positiveInt, "N"],
+  [durationOrOff, "DURATION"],
 ]);
 
 const opt = <T>(flag: string, parse: (value: string, what: string) => T, fallback: T, help: string, metavar = METAVARS.get(parse) ?? "VALUE"): Option<T> => ({
@@ -94,6 +112,8 @@ const OPTIONS = {
   tlsKey: opt<string | undefined>("tls-key", text, undefined, "server private key (PEM file)", "FILE"),
   tlsClientCa: opt<string | undefined>("tls-client-ca", text, undefined, "CA for client certificates (PEM): require them; each identity is a tenant", "FILE"),
   adminIdentity: opt<string | undefined>("admin-identity", text, undefined, "client identity (URI SAN or CN) that may list every tenant's VMs", "ID"),
+  stateDir: opt<string | undefined>("state-dir", text, undefined, "keep VMs here across restarts: restored at start, saved at shutdown", "DIR"),
+  snapshotInterval: { ...opt<number | undefined>("snapshot-interval", durationOrOff, 30_000, 'with --state-dir, also save every VM this often ("off": only at shutdown)'), shownDefault: "30s" },
 } as const;
 
 /** Every quota, as a flag: --max-vms-per-tenant etc. */
@@ -115,7 +135,7 @@ const ALL = { ...OPTIONS, ...LIMIT_OPTIONS };
 
 export const USAGE = [
   "usage: iommufd-service [options]",
-  ...Object.values(ALL).map((o) => `  --${`${o.flag} ${o.metavar}`.padEnd(34)} ${o.help} (env ${o.env}${o.fallback === undefined ? "" : `, default ${o.fallback}`})`),
+  ...Object.values(ALL).map((o) => `  --${`${o.flag} ${o.metavar}`.padEnd(34)} ${o.help} (env ${o.env}${o.fallback === undefined ? "" : `, default ${(o as Option<unknown>).shownDefault ?? o.fallback}`})`),
   `  --${"insecure".padEnd(34)} allow plaintext on a non-loopback address (env IOMMUFD_INSECURE=1)`,
   `  --${"help".padEnd(34)} this text`,
 ].join("\n");
@@ -171,6 +191,8 @@ export function loadConfig(argv: string[], env: NodeJS.ProcessEnv): Config | und
     tls,
     insecure,
     adminIdentity: get("adminIdentity"),
+    stateDir: get("stateDir"),
+    snapshotIntervalMs: get("snapshotInterval"),
     limits,
   };
 }

@@ -18,6 +18,7 @@ import { iommufdServiceImplementation, TRANSLATE_CODEC, translateHandler } from 
 import { callIdentity } from "./rpc/identity.js";
 import { exportVmHandler, importVmHandler } from "./rpc/snapshot.js";
 import { toStatus } from "./rpc/status.js";
+import { StateDir } from "./state-dir.js";
 
 export const SERVICE_NAME = IommufdService.typeName;
 
@@ -97,6 +98,22 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     reflectionPackage([file_iommufd_v1_service, file_grpc_health_v1_health, file_google_rpc_status, file_google_rpc_error_details]),
   ).addToServer(server);
 
+  // Restored before the port opens: no client sees a VM half-restored.
+  let stateDir: StateDir | undefined;
+  let snapshotTimer: NodeJS.Timeout | undefined;
+  if (config.stateDir !== undefined) {
+    stateDir = new StateDir(config.stateDir, vms, log);
+    const { restored, failed } = await stateDir.restore();
+    log.info({ stateDir: config.stateDir, restored, failed }, `restored ${restored} VM(s) from ${config.stateDir}${failed ? `, ${failed} file(s) skipped` : ""}`);
+    if (config.snapshotIntervalMs !== undefined) {
+      const periodic = stateDir;
+      snapshotTimer = setInterval(() => {
+        periodic.saveAll().catch((err: unknown) => log.error({ err }, "periodic snapshot failed"));
+      }, config.snapshotIntervalMs);
+      snapshotTimer.unref();
+    }
+  }
+
   const credentials = config.tls
     ? grpc.ServerCredentials.createSsl(config.tls.clientCa ?? null, [{ private_key: config.tls.key, cert_chain: config.tls.cert }], config.tls.clientCa !== undefined)
     : grpc.ServerCredentials.createInsecure();
@@ -158,6 +175,11 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
         server.tryShutdown(() => resolve());
       });
       clearTimeout(timer);
+      clearInterval(snapshotTimer);
+      if (stateDir !== undefined) {
+        const { saved, failed } = await stateDir.saveAll();
+        log.info({ stateDir: config.stateDir, saved, failed }, `saved ${saved} VM(s) to ${config.stateDir}${failed ? `; ${failed} could not be saved` : ""}`);
+      }
       healthServer?.forceShutdown();
       if (metricsOn) {
         await new Promise<void>((resolve) => {

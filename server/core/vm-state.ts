@@ -223,7 +223,8 @@ export class VmImport {
 
   constructor(
     private readonly registry: VmRegistry,
-    private readonly tenant: string,
+    /** The new VM's tenant; undefined = the snapshot's (restoring one's own state). */
+    private readonly tenant: string | undefined,
     /** The new VM's id; empty = the snapshot's. */
     private readonly vmId: string,
   ) {
@@ -232,7 +233,7 @@ export class VmImport {
   }
 
   header(state: VmState): void {
-    const vm = this.registry.prepare(this.tenant, {
+    const vm = this.registry.prepare(this.tenant ?? state.tenant, {
       vmId: this.vmId || state.vmId,
       model: state.model,
       guestMemoryBytes: state.guestMemoryBytes,

@@ -181,6 +181,11 @@ export class VmRegistry {
     if (t.vms.size === 0 && t.preparing === 0) this.tenants.delete(vm.tenant);
   }
 
+  /** Whether this very VM is published (not destroyed, not replaced by a namesake). */
+  isLive(vm: Vm): boolean {
+    return this.tenants.get(vm.tenant)?.vms.get(vm.id) === vm;
+  }
+
   /** A malformed vm_id is EINVAL; an unknown one, or another tenant's, ENOENT. */
   get(tenant: string, vmId: string): Vm {
     checkVmId(vmId);

@@ -287,3 +287,10 @@ export class SnapshotDecoder {
     }
   }
 }
+
+/** Checks a whole snapshot's framing, version and integrity without applying it. */
+export function checkSnapshot(bytes: Uint8Array): void {
+  const decoder = new SnapshotDecoder({ header() {}, pages() {} });
+  decoder.push(bytes);
+  decoder.end();
+}

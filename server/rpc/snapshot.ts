@@ -55,7 +55,8 @@ export class VmSnapshotImport {
   private readonly target: VmImport;
   private readonly decoder: SnapshotDecoder;
 
-  constructor(vms: VmRegistry, tenant: string, vmId: string) {
+  /** tenant undefined = the snapshot's own; vmId "" = the snapshot's own. */
+  constructor(vms: VmRegistry, tenant: string | undefined, vmId: string) {
     this.target = new VmImport(vms, tenant, vmId);
     this.decoder = new SnapshotDecoder(this.target);
   }
