@@ -1,7 +1,10 @@
 #!/usr/bin/env -S npx tsx
 import { type DescField, type DescMessage, fromJson, type JsonValue, toJsonString } from "@bufbuild/protobuf";
+import { createReadStream, createWriteStream } from "node:fs";
+import { pipeline } from "node:stream/promises";
 import { parseArgs } from "node:util";
 import { IommufdService } from "../gen/iommufd/v1/service_pb.js";
+import { VmSchema } from "../gen/iommufd/v1/vm_pb.js";
 import { IommufdClient, IommufdError } from "./client.js";
 
 /**
@@ -13,6 +16,25 @@ import { IommufdClient, IommufdError } from "./client.js";
 const kebab = (s: string): string => s.replace(/([a-z0-9])([A-Z])/g, "$1-$2").replace(/_/g, "-").toLowerCase();
 
 const methods = new Map(IommufdService.methods.map((m) => [kebab(m.name), m]));
+
+/** The streaming RPCs move a snapshot between the server and a file (default stdout/stdin). */
+const SNAPSHOT_FLAGS: Record<string, string> = {
+  "export-vm": "--vm-id [--file PATH]",
+  "import-vm": "[--vm-id NEW_ID] [--file PATH]",
+};
+
+async function snapshotCommand(client: IommufdClient, command: string, args: string[], deadline: number): Promise<string> {
+  const { values } = parseArgs({ args, options: { "vm-id": { type: "string" }, file: { type: "string" } }, strict: true });
+  const vmId = values["vm-id"] ?? "";
+  if (command === "export-vm") {
+    const out = values.file === undefined ? process.stdout : createWriteStream(values.file);
+    await pipeline(client.exportVmChunks({ vmId }, { deadline }), out);
+    return values.file === undefined ? "" : JSON.stringify({ vmId, file: values.file });
+  }
+  const source = values.file === undefined ? process.stdin : createReadStream(values.file);
+  const { vm } = await client.importVm({ vmId, snapshot: source }, { deadline });
+  return toJsonString(VmSchema, vm!, { prettySpaces: 2 });
+}
 
 function usage(): string {
   const lines = [
@@ -26,7 +48,7 @@ function usage(): string {
     "commands:",
   ];
   for (const [name, m] of methods) {
-    const flags = m.input.fields.map((f) => `--${kebab(f.name)}`).join(" ");
+    const flags = name in SNAPSHOT_FLAGS ? SNAPSHOT_FLAGS[name] : m.input.fields.map((f) => `--${kebab(f.name)}`).join(" ");
     lines.push(`  ${name.padEnd(20)} ${flags}`);
   }
   return lines.join("\n");
@@ -87,7 +109,7 @@ async function main(argv: string[]): Promise<number> {
   const rest = argv.slice(argv.indexOf(command) + 1);
   let request: unknown;
   try {
-    request = buildRequest(method.input, rest);
+    if (!(command in SNAPSHOT_FLAGS)) request = buildRequest(method.input, rest);
   } catch (e) {
     process.stderr.write(`iommufdctl ${command}: ${(e as Error).message}\n`);
     return 2;
@@ -96,12 +118,21 @@ async function main(argv: string[]): Promise<number> {
   const client = new IommufdClient(target);
   const deadline = Date.now() + Number((values["timeout-ms"] as string | undefined) ?? 10_000);
   try {
+    if (command in SNAPSHOT_FLAGS) {
+      const out = await snapshotCommand(client, command, rest, deadline);
+      if (out) process.stdout.write(`${out}\n`);
+      return 0;
+    }
     const call = (client as unknown as Record<string, (r: unknown, o: object) => Promise<never>>)[method.localName];
     const response = await call(request, { deadline });
     process.stdout.write(`${toJsonString(method.output, response, { prettySpaces: 2 })}\n`);
     return 0;
   } catch (e) {
-    if (!(e instanceof IommufdError)) throw e;
+    if (!(e instanceof IommufdError)) {
+      // A bad flag or an unreadable file of export-vm/import-vm.
+      process.stderr.write(`iommufdctl ${command}: ${(e as Error).message}\n`);
+      return (e as { code?: string }).code?.startsWith("ERR_PARSE_ARGS") ? 2 : 1;
+    }
     const out = { code: e.code, errno: e.errno, errnoValue: e.errnoValue, entriesHandled: e.entriesHandled, message: e.message };
     process.stderr.write(`${JSON.stringify(out, null, 2)}\n`);
     return 1;
