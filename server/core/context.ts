@@ -1,8 +1,9 @@
 import type { IommuDriver } from "./drivers/driver.js";
 import { fail } from "./errno.js";
+import { faultPoint } from "./fail-nth.js";
 import type { GuestMemory } from "./guest-memory.js";
 import { IdAllocator } from "./id-allocator.js";
-import { checkQuota, DEFAULT_LIMITS, type Limits } from "./limits.js";
+import { checkQuota, DEFAULT_LIMITS, type Limits, QuotaError } from "./limits.js";
 import { WALK_DEPTH_BOUNDS } from "./translate/dma-batch.js";
 import { Device, Ioas, type IommufdObject, type ObjectType } from "./objects.js";
 
@@ -84,14 +85,34 @@ export class IommufdContext {
 
   /** iommufd_object_alloc(): reserve the lowest free id; invisible until finalize. */
   reserve(obj: IommufdObject): void {
+    // The object's kzalloc() and xa_alloc() of its id.
+    faultPoint("iommufd_object_alloc");
     checkQuota("objectsPerVm", this.limits, this.table.size, 1, this.subject, "objects");
     obj.id = this.ids.alloc();
   }
 
-  /** Reserve a given id (restoring a snapshot). */
+  /**
+   * Restoring a snapshot: `ids` are (about to be) in use, the lower others
+   * free. Ids beyond the objects quota cannot have been handed out under it
+   * (xa_alloc() gives the lowest free id; one more may be reserved while the
+   * quota's last object is published).
+   */
+  restoreIds(ids: readonly number[]): void {
+    const bad = ids.find((id) => !Number.isSafeInteger(id) || id < 1);
+    if (bad !== undefined) fail("EINVAL", `snapshot is inconsistent: object id ${bad} is not a valid id`);
+    checkQuota("objectsPerVm", this.limits, 0, ids.length, this.subject, "objects");
+    const beyond = ids.find((id) => id > this.limits.objectsPerVm + 1);
+    if (beyond !== undefined) {
+      const max = this.limits.objectsPerVm;
+      throw new QuotaError({ subject: this.subject, description: `objectsPerVm = ${max}` }, `object id ${beyond} is beyond any id the objectsPerVm limit of ${max} lets ${this.subject} hand out`);
+    }
+    this.ids.restore(ids);
+  }
+
+  /** An object of a snapshot takes its id (given to restoreIds()). */
   reserveId(obj: IommufdObject, id: number): void {
+    faultPoint("iommufd_object_alloc");
     checkQuota("objectsPerVm", this.limits, this.table.size, 1, this.subject, "objects");
-    this.ids.claim(id);
     obj.id = id;
   }
 
@@ -110,6 +131,11 @@ export class IommufdContext {
   remove(obj: IommufdObject): void {
     this.table.delete(obj.id);
     this.ids.free(obj.id);
+  }
+
+  /** The ids the allocator holds (reserved or published), ascending: for tests. */
+  idsInUse(): number[] {
+    return this.ids.inUse();
   }
 
   /** iommufd_get_object(IOMMUFD_OBJ_ANY): missing, 0 or unpublished -> ENOENT. */

@@ -1,5 +1,6 @@
 import type { IommufdContext } from "./context.js";
 import { fail } from "./errno.js";
+import { faultPoint } from "./fail-nth.js";
 import { hwPagetablePut, hwptPagingAlloc } from "./hwpt.js";
 import { Device, type Hwpt, type Ioas } from "./objects.js";
 import { IOMMU_HW_CAP_DIRTY_TRACKING, IOMMU_HW_INFO_TYPE_DEFAULT } from "./uapi.js";
@@ -23,6 +24,8 @@ export interface BindCmd {
 export function deviceBind(ctx: IommufdContext, cmd: BindCmd): number {
   if (cmd.name.length === 0 || cmd.name.length > 255) fail("EINVAL", "device name must be 1 to 255 characters");
   if (ctx.devicesByName.has(cmd.name)) fail("EEXIST", `a device named "${cmd.name}" is already bound`);
+  // iommufd_get_group(): the device's iommufd_group (kzalloc).
+  faultPoint("iommufd_get_group");
   const idev = new Device(cmd.name, cmd.pasidCapable, cmd.dirtyTrackingCapable);
   ctx.reserve(idev);
   ctx.finalize(idev);
@@ -59,10 +62,14 @@ function hwptPasidCompat(hwpt: Hwpt, idev: Device, pasid: number): void {
 
 /** iommufd_hw_pagetable_attach(): attach one (device, PASID) to a HWPT. */
 export function hwPagetableAttach(ctx: IommufdContext, hwpt: Hwpt, idev: Device, pasid: number): void {
+  // xa_cmpxchg() of the group's pasid_attach slot and the attach record's kzalloc().
+  faultPoint("iommufd_hw_pagetable_attach");
   if (idev.attachments.has(pasid)) fail("EBUSY", `device ${idev.id} is already attached${pasid ? ` for PASID ${pasid}` : ""}`);
   // The device's reserved regions would be enforced in the IOAS here for a
   // RID attach; emulated devices (like mock ones) have none.
   hwptPasidCompat(hwpt, idev, pasid);
+  // iommufd_hwpt_attach_device(): the attach handle's kzalloc().
+  faultPoint("iommufd_hwpt_attach_device");
   ctx.driver.attachDev(hwpt.domain, idev, pasid, undefined);
   hwpt.users++;
   idev.attachments.set(pasid, hwpt);
@@ -92,6 +99,8 @@ const doReplace: AttachFn = (ctx, idev, pasid, hwpt) => {
   if (old === undefined) fail("EINVAL", `device ${idev.id} is not attached${pasid ? ` for PASID ${pasid}` : ""}`);
   if (old === hwpt) return undefined;
   hwptPasidCompat(hwpt, idev, pasid);
+  // iommufd_hwpt_replace_device(): the new attach handle's kzalloc().
+  faultPoint("iommufd_hwpt_replace_device");
   ctx.driver.attachDev(hwpt.domain, idev, pasid, old.domain);
   idev.attachments.set(pasid, hwpt);
   hwpt.users++;

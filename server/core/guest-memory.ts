@@ -1,4 +1,5 @@
 import { fail } from "./errno.js";
+import { faultPoint } from "./fail-nth.js";
 import { checkQuota, type Limits } from "./limits.js";
 
 export const PAGE_SHIFT = 12;
@@ -125,13 +126,17 @@ export class GuestMemory {
     if (!this.contains(gpa, data.length)) {
       fail("EFAULT", `guest write [0x${gpa.toString(16)}, +0x${data.length.toString(16)}) is outside guest RAM of 0x${this.size.toString(16)} bytes`);
     }
+    const newPages = this.untouchedPagesIn(gpa, data.length);
     const a = this.account;
     if (a !== undefined) {
       // Touched RAM is what a VM really costs: both quotas hold before a byte is written.
-      const adding = this.untouchedPagesIn(gpa, data.length) * PAGE_SIZE;
+      const adding = newPages * PAGE_SIZE;
       checkQuota("touchedBytesPerVm", a.limits, this.touched * PAGE_SIZE, adding, a.vmSubject, "touched guest RAM");
       checkQuota("touchedBytesPerTenant", a.limits, a.tenant.touchedPages * PAGE_SIZE, adding, a.tenantSubject, "touched guest RAM");
     }
+    // alloc_page() of each page first touched, all before a byte is written,
+    // so that a failed write leaves guest RAM as it was.
+    for (let k = 0; k < newPages; k++) faultPoint("alloc_page");
     let done = 0;
     while (done < data.length) {
       const addr = gpa + done;

@@ -7,6 +7,7 @@ import { type Device, type Hwpt, HwptNested, HwptPaging, type Ioas } from "./obj
 import {
   encodeHwptData,
   encodeInvalidations,
+  type UserDataArray,
   type HwptData,
   IOMMU_HWPT_DATA_NONE,
   IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
@@ -45,20 +46,25 @@ export function hwptPagingAlloc(
   }
   const domain = ctx.driver.allocPaging(idev, flags, userData);
   const hwpt = new HwptPaging(ioas, domain, flags.nestParent, flags.pasid);
-  ctx.reserve(hwpt);
-  ioas.users++;
   try {
+    ctx.reserve(hwpt);
+    ioas.users++;
     if (immediateAttach) hwPagetableAttach(ctx, hwpt, idev, pasid);
     try {
       ioas.iopt.tableAddDomain(domain);
     } catch (e) {
+      // out_detach
       if (immediateAttach) hwPagetableDetach(ctx, idev, pasid);
       throw e;
     }
   } catch (e) {
+    // out_abort: iommufd_object_abort_and_destroy() -> iommufd_hwpt_paging_destroy()
+    // frees the domain whatever step failed, reserve() included.
     domain.free();
-    ioas.users--;
-    ctx.abort(hwpt);
+    if (hwpt.id !== 0) {
+      ioas.users--;
+      ctx.abort(hwpt);
+    }
     throw e;
   }
   ioas.hwpts.push(hwpt);
@@ -75,7 +81,14 @@ function hwptNestedAlloc(ctx: IommufdContext, parent: HwptPaging, idev: Device, 
   }
   const domain = ctx.driver.allocNested(idev, parent.domain, flags, userData);
   const hwpt = new HwptNested(parent, domain, flags.pasid, userData);
-  ctx.reserve(hwpt);
+  try {
+    ctx.reserve(hwpt);
+  } catch (e) {
+    // out_abort: iommufd_object_abort_and_destroy() -> iommufd_hwpt_nested_destroy()
+    // frees the domain (a VT-d nested domain leaves its parent's children).
+    domain.free();
+    throw e;
+  }
   parent.users++;
   return hwpt;
 }
@@ -127,31 +140,69 @@ export function iommufdDestroy(ctx: IommufdContext, id: number): void {
 }
 
 /**
- * IOMMU_HWPT_INVALIDATE (iommufd_hwpt_invalidate()): returns the entries
- * handled; a failure carries them in IommuError.entriesHandled (0 for the
- * checks before any entry is looked at).
+ * IOMMU_HWPT_INVALIDATE (iommufd_hwpt_invalidate()), in steps: the checks
+ * before any entry is looked at, then the entries in ranges (step()), so
+ * that the edge can spread a long array over event-loop turns. The HWPT is
+ * looked up at every step: it may have been destroyed in between, like a
+ * HWPT destroyed while another thread's invalidation runs. A failure carries
+ * the entries handled in IommuError.entriesHandled (0 for the early checks).
  */
-export function hwptInvalidate(ctx: IommufdContext, hwptId: number, requests: Invalidations | undefined): number {
-  if (requests === undefined) throw new IommuError("EINVAL", "no invalidation entries given (oneof requests is unset)", 0);
-  const array = encodeInvalidations(requests);
-  const start = performance.now();
-  try {
-    checkQuota("invalidateEntries", ctx.limits, 0, array.entryNum, "request", "Invalidate entries");
-    if (array.entryNum !== 0 && (array.data.length === 0 || array.entryLen === 0)) {
-      fail("EINVAL", "entry_num is non-zero but data is empty or entry_len is 0");
+export class HwptInvalidation {
+  readonly array: UserDataArray;
+  handled = 0;
+  private readonly started = performance.now();
+
+  constructor(
+    ctx: IommufdContext,
+    private readonly hwptId: number,
+    requests: Invalidations | undefined,
+  ) {
+    if (requests === undefined) throw new IommuError("EINVAL", "no invalidation entries given (oneof requests is unset)", 0);
+    this.array = encodeInvalidations(requests);
+    try {
+      checkQuota("invalidateEntries", ctx.limits, 0, this.array.entryNum, "request", "Invalidate entries");
+      if (this.array.entryNum !== 0 && (this.array.data.length === 0 || this.array.entryLen === 0)) {
+        fail("EINVAL", "entry_num is non-zero but data is empty or entry_len is 0");
+      }
+    } catch (e) {
+      this.finish(ctx);
+      throw e instanceof IommuError ? e.withEntriesHandled(0) : e;
     }
-    const obj = ctx.getObject(hwptId);
-    if (obj.type !== "hwpt_nested") fail("EINVAL", `object ${hwptId} is not a nested HWPT`);
-    const handled = (obj as HwptNested).domain.cacheInvalidateUser(array);
-    ctx.stats.invalidationEntries += handled;
-    return handled;
-  } catch (e) {
-    if (!(e instanceof IommuError)) throw e;
-    ctx.stats.invalidationEntries += e.entriesHandled ?? 0;
-    throw e.entriesHandled === undefined ? e.withEntriesHandled(0) : e;
-  } finally {
-    recordInvalidation(ctx, array.type, (performance.now() - start) / 1000);
   }
+
+  get done(): boolean {
+    return this.handled >= this.array.entryNum;
+  }
+
+  /** Handles up to `count` more entries (the first step runs even for entry_num 0). */
+  step(ctx: IommufdContext, count: number): void {
+    const from = this.handled;
+    try {
+      const obj = ctx.getObject(this.hwptId);
+      if (obj.type !== "hwpt_nested") fail("EINVAL", `object ${this.hwptId} is not a nested HWPT`);
+      this.handled = (obj as HwptNested).domain.cacheInvalidateUser(this.array, from, Math.min(this.array.entryNum, from + count));
+      ctx.stats.invalidationEntries += this.handled - from;
+      if (this.done) this.finish(ctx);
+    } catch (e) {
+      if (!(e instanceof IommuError)) throw e;
+      this.handled = e.entriesHandled ?? from;
+      ctx.stats.invalidationEntries += this.handled - from;
+      this.finish(ctx);
+      throw e.withEntriesHandled(this.handled);
+    }
+  }
+
+  /** The request's wall time, from its checks to its last entry, into the VM's invalidation histogram. */
+  private finish(ctx: IommufdContext): void {
+    recordInvalidation(ctx, this.array.type, (performance.now() - this.started) / 1000);
+  }
+}
+
+/** IOMMU_HWPT_INVALIDATE at once: returns the entries handled. */
+export function hwptInvalidate(ctx: IommufdContext, hwptId: number, requests: Invalidations | undefined): number {
+  const invalidation = new HwptInvalidation(ctx, hwptId, requests);
+  invalidation.step(ctx, invalidation.array.entryNum);
+  return invalidation.handled;
 }
 
 const DATA_TYPE_NAMES = new Map<number, InvalidationDataType>([
@@ -160,7 +211,6 @@ const DATA_TYPE_NAMES = new Map<number, InvalidationDataType>([
   [IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, "arm_smmuv3"],
 ]);
 
-/** The request's wall time into the VM's invalidation-duration histogram. */
 function recordInvalidation(ctx: IommufdContext, dataType: number, seconds: number): void {
   const type = DATA_TYPE_NAMES.get(dataType) ?? "other";
   const bucket = INVALIDATION_SECONDS_BOUNDS.findIndex((bound) => seconds <= bound);

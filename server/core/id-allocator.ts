@@ -21,20 +21,30 @@ export class IdAllocator {
   }
 
   /**
-   * Take a specific id (restoring a snapshot): lower ids never handed out
-   * become free ones, so the lowest-free policy holds afterwards.
+   * Restoring a snapshot into a fresh allocator: exactly `ids` are in use,
+   * every lower id not among them is free, so the lowest-free policy holds
+   * afterwards. O(max id): the caller bounds the ids (by the objects quota).
    */
-  claim(id: number): void {
-    if (id >= this.next) {
-      for (let free = this.next; free < id; free++) this.free(free);
-      this.next = id + 1;
-      return;
-    }
-    const i = this.freed.indexOf(id);
-    if (i < 0) throw new Error(`id ${id} is already in use`);
-    const rest = this.freed.filter((f) => f !== id);
-    this.freed.length = 0;
-    for (const f of rest) this.free(f);
+  restore(ids: readonly number[]): void {
+    if (this.next !== 1 || this.freed.length > 0) throw new Error("restore() needs a fresh allocator");
+    const used = new Set(ids);
+    let max = 0;
+    for (const id of used) max = Math.max(max, id);
+    // Ascending order is a valid min-heap.
+    for (let id = 1; id <= max; id++) if (!used.has(id)) this.freed.push(id);
+    this.next = max + 1;
+  }
+
+  /**
+   * The ids handed out and not freed, ascending (what the xarray holds):
+   * the allocator's whole observable state, since alloc() always answers
+   * the lowest id not in it.
+   */
+  inUse(): number[] {
+    const freed = new Set(this.freed);
+    const out: number[] = [];
+    for (let id = 1; id < this.next; id++) if (!freed.has(id)) out.push(id);
+    return out;
   }
 
   free(id: number): void {

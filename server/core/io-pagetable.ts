@@ -1,5 +1,6 @@
 import type { IommuProt, PagingDomain } from "./drivers/driver.js";
 import { fail } from "./errno.js";
+import { faultPoint } from "./fail-nth.js";
 import type { GuestMemory } from "./guest-memory.js";
 import { checkQuota, type Limits } from "./limits.js";
 import {
@@ -64,6 +65,11 @@ export class IoPagetable {
   readonly domains: PagingDomain[] = [];
   /** Bytes mapped by all areas (the mappedBytesPerIoas quota). */
   private mappedBytes = 0n;
+
+  /** What the mappedBytesPerIoas quota counts now. */
+  get mappedBytesUsed(): bigint {
+    return this.mappedBytes;
+  }
   /** Names this IOAS in quota violations. */
   subject = "ioas";
 
@@ -82,6 +88,11 @@ export class IoPagetable {
 
   allowedRanges(): readonly IovaRange[] {
     return this.allowed;
+  }
+
+  /** Reserved ranges, each with its owner (a domain for its aperture). */
+  reservedRanges(): readonly (IovaRange & { readonly owner: object })[] {
+    return this.reserved;
   }
 
   /** Index of the first area whose last >= iova (binary search). */
@@ -179,8 +190,8 @@ export class IoPagetable {
     }
   }
 
-  private mapArea(domain: PagingDomain, area: Area): void {
-    domain.map(area.iova, area.hostAddr, areaLength(area), area.prot, !this.disableLargePages);
+  private mapArea(domain: PagingDomain, area: Area): () => void {
+    return domain.map(area.iova, area.hostAddr, areaLength(area), area.prot, !this.disableLargePages);
   }
 
   /**
@@ -188,17 +199,23 @@ export class IoPagetable {
    * every domain; on failure unmap what was mapped and rethrow.
    */
   private fillDomains(areas: readonly Area[], domains: readonly PagingDomain[]): void {
-    const done: [PagingDomain, Area][] = [];
+    const undo: (() => void)[] = [];
     try {
       for (const area of areas) {
-        if (domains.length > 0) this.checkPinnable(area);
-        for (const domain of domains) {
-          this.mapArea(domain, area);
-          done.push([domain, area]);
-        }
+        if (domains.length === 0) continue;
+        this.checkPinnable(area);
+        // pfn_reader_first(): the pin batch of the area.
+        faultPoint("iopt_area_fill_domains");
+        for (const domain of domains) undo.push(this.mapArea(domain, area));
       }
     } catch (e) {
-      for (const [domain, area] of done.reverse()) domain.unmap(area.iova, areaLength(area));
+      // iopt_area_unfill_domains() of the error path, newest first. The
+      // kernel's iommu_unmap() here flushes caches (for a nest parent, every
+      // nested child's) and keeps the page-table pages it allocated; neither
+      // has a meaning for ranges no DMA has seen, and in the emulator both
+      // would show (DumpIotlb, a walk's memory references), so each map is
+      // undone exactly instead.
+      for (const u of undo.reverse()) u();
       throw e;
     }
   }
@@ -225,6 +242,7 @@ export class IoPagetable {
     let cursor = iova;
     for (const slice of slices) {
       if (prot.write && !slice.writable) fail("EPERM", "WRITEABLE mapping of pages that were mapped read-only");
+      faultPoint("iopt_alloc_area");
       const pageOffset = slice.hostAddr % PAGE_SIZE;
       if (!isAligned(pageOffset, this.iovaAlignment)) {
         fail("EINVAL", `user_va offset in page ${hex(pageOffset)} is not aligned to the IOAS alignment ${hex(this.iovaAlignment)}`);
@@ -256,6 +274,8 @@ export class IoPagetable {
       const area = this.areas[i];
       if (area.iova > cursor) break;
       const end: bigint = area.last < last ? area.last : last;
+      // The iopt_pages_list element of each area.
+      faultPoint("iopt_get_pages");
       slices.push({ hostAddr: area.hostAddr + (cursor - area.iova), length: end - cursor + 1n, writable: area.pagesWritable });
       if (end === last) return slices;
       cursor = end + 1n;
@@ -302,6 +322,7 @@ export class IoPagetable {
     if (this.areaIterFirst(start, last) || this.allowedIntersects(start, last)) {
       fail("EADDRINUSE", `cannot reserve [${hex(start)}, ${hex(last)}]: it overlaps a mapping or an allowed range`);
     }
+    faultPoint("iopt_reserve_iova");
     this.reserved.push({ start, last, owner });
   }
 
@@ -337,6 +358,8 @@ export class IoPagetable {
     try {
       if (domain.aperture.start !== 0n) this.reserveIova(0n, domain.aperture.start - 1n, domain);
       if (domain.aperture.last !== ULONG_MAX) this.reserveIova(domain.aperture.last + 1n, ULONG_MAX, domain);
+      // xa_reserve() of the domain's slot in iopt->domains.
+      faultPoint("xa_reserve");
       this.fillDomains(this.areas, [domain]);
     } catch (e) {
       this.removeReservedIova(domain);

@@ -1,6 +1,7 @@
 import type { IommufdContext } from "./context.js";
 import type { IommuProt } from "./drivers/driver.js";
 import { fail } from "./errno.js";
+import { faultPoint } from "./fail-nth.js";
 import { addU64, hex, intersects, type IovaRange, U64_MAX, ULONG_MAX } from "./iova.js";
 import { Ioas } from "./objects.js";
 
@@ -39,6 +40,8 @@ export function ioasMap(ctx: IommufdContext, cmd: IoasMapCmd): bigint {
   // iopt_alloc_user_pages()
   if (addU64(cmd.userVa, cmd.length) === undefined) fail("EOVERFLOW", `user_va ${hex(cmd.userVa)} + length ${hex(cmd.length)} overflows`);
   if (cmd.length === 0n || cmd.length > ULONG_MAX - 4096n) fail("EINVAL", `length ${hex(cmd.length)} is invalid`);
+  // The struct iopt_pages of the user range (kzalloc).
+  faultPoint("iopt_alloc_user_pages");
   // The pages are writable only if mapped WRITEABLE (iopt_alloc_user_pages(),
   // writable = iommu_prot & IOMMU_WRITE); a later COPY inherits that.
   return ioas.iopt.mapPages([{ hostAddr: cmd.userVa, length: cmd.length, writable: cmd.writeable }], cmd.length, cmd.iova, prot);
@@ -91,6 +94,8 @@ export function ioasAllowIovas(ctx: IommufdContext, ioasId: number, ranges: read
   ranges.forEach((r, i) => {
     if (r.start >= r.last) fail("EINVAL", `allowed range ${i} has start ${hex(r.start)} >= last ${hex(r.last)}`);
     if (ranges.slice(0, i).some((prev) => intersects(prev, r.start, r.last))) fail("EINVAL", `allowed range ${i} overlaps an earlier one`);
+    // The range's struct iopt_allowed (kzalloc).
+    faultPoint("iommufd_ioas_load_iovas");
   });
   ioas.iopt.setAllowIova(ranges);
 }

@@ -40,6 +40,7 @@ export type ObjectState =
       readonly pasidCapable: boolean;
       readonly dirtyTrackingCapable: boolean;
       readonly attachments: readonly { readonly pasid: number; readonly hwptId: number }[];
+      readonly selftestPasidFakeError: boolean;
     };
 
 export interface CounterState {
@@ -85,7 +86,8 @@ export function captureVm(vm: Vm): VmState {
       objects.push({ id: obj.id, kind: "hwpt_nested", parentId: obj.parent.id, pasid: obj.pasidCompat, data: obj.userData, selftestIotlb });
     } else if (obj instanceof Device) {
       const attachments = [...obj.attachments].map(([pasid, hwpt]) => ({ pasid, hwptId: hwpt.id })).sort((a, b) => a.pasid - b.pasid);
-      objects.push({ id: obj.id, kind: "device", name: obj.name, pasidCapable: obj.pasidCapable, dirtyTrackingCapable: obj.dirtyTrackingCapable, attachments });
+      const selftestPasidFakeError = ctx.driver.selftestPasidFakeError?.(obj) ?? false;
+      objects.push({ id: obj.id, kind: "device", name: obj.name, pasidCapable: obj.pasidCapable, dirtyTrackingCapable: obj.dirtyTrackingCapable, attachments, selftestPasidFakeError });
     }
   }
   const s = ctx.stats;
@@ -133,6 +135,7 @@ export function restoreObjects(vm: Vm, state: VmState): void {
   const ctx = vm.ctx;
   const byId = new Map(state.objects.map((o) => [o.id, o]));
   if (byId.size !== state.objects.length) inconsistent("duplicate object ids");
+  ctx.restoreIds([...byId.keys()]);
   const of = <K extends ObjectState["kind"]>(id: number, kind: K): Extract<ObjectState, { kind: K }> => {
     const o = byId.get(id);
     if (o?.kind !== kind) inconsistent(`object ${id} is not a ${kind}`);
@@ -179,6 +182,8 @@ export function restoreObjects(vm: Vm, state: VmState): void {
       if (o.kind !== "hwpt_nested") continue;
       const parent = live.get(o.parentId);
       if (!(parent instanceof HwptPaging)) inconsistent(`nested HWPT ${o.id} has no paging parent ${o.parentId}`);
+      // What iommufd_hwpt_nested_alloc() requires of a parent.
+      if (parent.autoDomain || !parent.nestParent) inconsistent(`nested HWPT ${o.id}: parent ${o.parentId} is not a nest parent`);
       const flags = { nestParent: false, dirtyTracking: false, pasid: o.pasid };
       const domain = ctx.driver.allocNested!(SNAPSHOT_DEVICE, parent.domain, flags, o.data);
       ctx.driver.restoreSelftestIotlb?.(domain, o.selftestIotlb);
@@ -204,9 +209,21 @@ export function restoreObjects(vm: Vm, state: VmState): void {
         idev.users++;
         idev.attachments.set(pasid, hwpt);
       }
+      ctx.driver.restoreSelftestPasidFakeError?.(idev, o.selftestPasidFakeError);
+      // iommufd_hwpt_pasid_compat(): PASIDs only on PASID-compatible HWPTs,
+      // and only beside a RID attachment that is one too.
+      const rid = idev.attachments.get(0);
+      for (const [pasid, hwpt] of idev.attachments) {
+        if (pasid !== 0 && (!hwpt.pasidCompat || (rid !== undefined && !rid.pasidCompat))) {
+          inconsistent(`device ${o.id}: PASID ${pasid} is attached beside a HWPT that is not PASID-compatible`);
+        }
+      }
     }
   } catch (e) {
-    if (e instanceof IommuError) throw e;
+    // A quota is a quota and an allocation failure (ENOMEM) is one too;
+    // anything else the rebuild trips over (overlapping areas, an aperture,
+    // a driver refusing its data) means the state does not hang together.
+    if (e instanceof IommuError && (e.errno === "EDQUOT" || e.errno === "EINVAL" || e.errno === "ENOMEM")) throw e;
     inconsistent((e as Error).message);
   }
   Object.assign(ctx.stats, state.stats);
@@ -252,9 +269,12 @@ export class VmImport {
   }
 
   commit(): Vm {
-    if (this.vm === undefined) inconsistent("no header");
-    this.registry.adopt(this.vm);
-    return this.vm;
+    const vm = this.vm;
+    if (vm === undefined) inconsistent("no header");
+    this.registry.adopt(vm);
+    // Published: from now on it is the registry's, and abort() must not discard it.
+    this.vm = undefined;
+    return vm;
   }
 
   abort(): void {

@@ -3,6 +3,7 @@ import type { IommuDriver } from "./drivers/driver.js";
 import { MockDriver } from "./drivers/mock/mock-driver.js";
 import { VtdDriver } from "./drivers/vtd/vtd-driver.js";
 import { fail } from "./errno.js";
+import { faultPoint } from "./fail-nth.js";
 import { GUEST_MEMORY_MAX, GuestMemory, PAGE_SIZE } from "./guest-memory.js";
 import { checkQuota, DEFAULT_LIMITS, type Limits } from "./limits.js";
 
@@ -158,9 +159,29 @@ export class VmRegistry {
     this.checkRoom(tenant, cmd.vmId, Number(bytes));
     const t = this.tenantOf(tenant);
     t.preparing++;
-    const memory = new GuestMemory(Number(bytes), { limits: this.limits, vmSubject: subject, tenantSubject: tenantSubject(tenant), tenant: t.usage });
-    const ctx = new IommufdContext(memory, createDriver(cmd.model, options, memory), this.limits, subject);
-    return new Vm(cmd.vmId, tenant, cmd.model, options, ctx);
+    try {
+      // iommufd_fops_open(): the context's kzalloc().
+      faultPoint("iommufd_fops_open");
+      const memory = new GuestMemory(Number(bytes), { limits: this.limits, vmSubject: subject, tenantSubject: tenantSubject(tenant), tenant: t.usage });
+      const ctx = new IommufdContext(memory, createDriver(cmd.model, options, memory), this.limits, subject);
+      return new Vm(cmd.vmId, tenant, cmd.model, options, ctx);
+    } catch (e) {
+      // Nothing was built: the tenant must not keep a preparation (or an entry) for it.
+      this.unprepare(tenant, t);
+      throw e;
+    }
+  }
+
+  /** A preparation ends without a VM: forget the tenant once it has nothing left. */
+  private unprepare(tenant: string, t: Tenant): void {
+    t.preparing--;
+    if (t.vms.size === 0 && t.preparing === 0) this.tenants.delete(tenant);
+  }
+
+  /** What a tenant consumes now (undefined: nothing); the quotas are checked against it. */
+  usage(tenant: string): { vms: number; declaredBytes: number; touchedPages: number; preparing: number } | undefined {
+    const t = this.tenants.get(tenant);
+    return t && { vms: t.vms.size, declaredBytes: t.declaredBytes, touchedPages: t.usage.touchedPages, preparing: t.preparing };
   }
 
   /** Publish a prepared VM (existence and quotas are checked again). */
@@ -176,9 +197,8 @@ export class VmRegistry {
   /** Drop a prepared VM that was never adopted, giving back the RAM it touched. */
   discard(vm: Vm): void {
     const t = this.tenantOf(vm.tenant);
-    t.preparing--;
     t.usage.touchedPages -= vm.ctx.memory.touchedPages;
-    if (t.vms.size === 0 && t.preparing === 0) this.tenants.delete(vm.tenant);
+    this.unprepare(vm.tenant, t);
   }
 
   /** Whether this very VM is published (not destroyed, not replaced by a namesake). */

@@ -48,9 +48,15 @@ export interface PagingDomain {
   /**
    * iommu_map(): map [iova, iova + length) to guest RAM at hostAddr.
    * `largePages` is false when the IOAS has HUGE_PAGES = 0. Throws an
-   * IommuError for a mapping the domain refuses; changes nothing then.
+   * IommuError for a mapping the domain refuses or cannot allocate for;
+   * changes nothing then (iommu_map() unmaps what it mapped on error).
+   * Returns the map's exact undo, for the unwind of the call that made it
+   * (iopt_area_unfill_domains() on an error path): the range was never
+   * visible to DMA, so there is nothing to flush, and the undo gives back
+   * the page-table pages the map took, leaving the table as it was. Undos
+   * of one domain must run newest first.
    */
-  map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, largePages: boolean): void;
+  map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, largePages: boolean): () => void;
   /** iommu_unmap() of a range map() accepted; drops what caches derived from it. */
   unmap(iova: bigint, length: bigint): void;
   /** iommu_domain_free(): the HWPT is destroyed. */
@@ -62,11 +68,14 @@ export interface NestedDomain {
   readonly type: "nested";
   readonly parent: PagingDomain;
   /**
-   * cache_invalidate_user(): handle the entries in order, stopping at the
-   * first failure. Returns the number handled; a failure is an IommuError
-   * whose entriesHandled says how many entries before it were handled.
+   * cache_invalidate_user() of entries [start, end) of the array (the whole
+   * array in one call, or a long one in ranges: see HwptInvalidation): in
+   * order, stopping at the first failure. The array-level checks run on
+   * every call, entry_num 0 included. Returns the entries handled in all
+   * (`end`); a failure is an IommuError whose entriesHandled is the index of
+   * the entry that failed.
    */
-  cacheInvalidateUser(array: UserDataArray): number;
+  cacheInvalidateUser(array: UserDataArray, start: number, end: number): number;
   /** iommu_domain_free(): the HWPT is destroyed. */
   free(): void;
 }
@@ -120,6 +129,10 @@ export interface IommuDriver {
 
   /** Restore what dumpIotlb() showed as selftestIotlb (a snapshot of a mock nested domain). */
   restoreSelftestIotlb?(domain: NestedDomain, values: readonly number[]): void;
+
+  /** MOCK: whether the device's fake PASID replace error is armed, and its restore. */
+  selftestPasidFakeError?(dev: DeviceInfo): boolean;
+  restoreSelftestPasidFakeError?(dev: DeviceInfo, armed: boolean): void;
 
   /**
    * A device's DMA through `domain` for requests with `pasid` (0 = without

@@ -1,4 +1,5 @@
 import { fail, IommuError } from "../../errno.js";
+import { faultPoint } from "../../fail-nth.js";
 import { type DmaBatch, depthBucket } from "../../translate/dma-batch.js";
 import { FAULT } from "../../translate/fault.js";
 import type { IovaRange } from "../../iova.js";
@@ -62,11 +63,14 @@ class MockPagingDomain implements PagingDomain {
     readonly nestParent: boolean,
   ) {}
 
-  map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, _largePages: boolean): void {
+  map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, _largePages: boolean): () => void {
+    // mock_domain_map_pages(): xa_store() of the pfns (it unmaps what it stored on failure).
+    faultPoint("mock_domain_map_pages");
     const first = Number(iova / MOCK_IO_PAGE_SIZE);
     const host = Number(hostAddr / MOCK_IO_PAGE_SIZE);
     const perm = (prot.read ? PERM_R : 0) | (prot.write ? PERM_W : 0);
     for (let i = 0; i < Number(length / MOCK_IO_PAGE_SIZE); i++) this.pfns.set(first + i, (host + i) * 4 + perm);
+    return () => this.unmap(iova, length);
   }
 
   unmap(iova: bigint, length: bigint): void {
@@ -93,19 +97,20 @@ class MockNestedDomain implements NestedDomain {
   }
 
   /** mock_domain_cache_invalidate_user() */
-  cacheInvalidateUser(array: UserDataArray): number {
+  cacheInvalidateUser(array: UserDataArray, start: number, end: number): number {
     if (array.type !== IOMMU_HWPT_INVALIDATE_DATA_SELFTEST) {
       throw new IommuError("EINVAL", `invalidation data_type ${array.type} is not IOMMU_HWPT_INVALIDATE_DATA_SELFTEST`, 0);
     }
-    let processed = 0;
+    let processed = start;
     try {
-      for (let i = 0; i < array.entryNum; i++) {
+      for (let i = start; i < end; i++) {
         // struct iommu_hwpt_invalidate_selftest, min_last iotlb_id: exactly 8 bytes
         const inv = copyStructFromUserArray(array, IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, i, 8, 8);
         const flags = inv.getUint32(0, true);
         const iotlbId = inv.getUint32(4, true);
         if (flags & ~IOMMU_TEST_INVALIDATE_FLAG_ALL) fail("EOPNOTSUPP", `entry ${i}: unknown flags 0x${flags.toString(16)}`);
         if (iotlbId >= MOCK_NESTED_DOMAIN_IOTLB_NUM) fail("EINVAL", `entry ${i}: iotlb_id ${iotlbId} > ${MOCK_NESTED_DOMAIN_IOTLB_NUM - 1}`);
+        faultPoint("mock_domain_cache_invalidate_user");
         if (flags & IOMMU_TEST_INVALIDATE_FLAG_ALL) this.iotlb.fill(0);
         else this.iotlb[iotlbId] = 0;
         processed++;
@@ -132,6 +137,7 @@ export class MockDriver implements IommuDriver {
   allocPaging(dev: DeviceInfo, flags: HwptAllocFlags, userData: UserData | undefined): PagingDomain {
     if (userData !== undefined) fail("EOPNOTSUPP", "the mock driver takes no user data for a paging domain");
     if (flags.dirtyTracking && !dev.dirtyTrackingCapable) fail("EOPNOTSUPP", "the device has no dirty tracking");
+    faultPoint("mock_domain_alloc_paging_flags");
     return new MockPagingDomain(flags.dirtyTracking, flags.nestParent);
   }
 
@@ -142,6 +148,7 @@ export class MockDriver implements IommuDriver {
     // iommu_copy_struct_from_user(min_last = iotlb): struct iommu_hwpt_selftest is 4 bytes.
     if (userData.data.length !== 4) fail("EINVAL", `data_len ${userData.data.length} is not 4 (struct iommu_hwpt_selftest)`);
     const iotlb = new DataView(userData.data.buffer, userData.data.byteOffset, 4).getUint32(0, true);
+    faultPoint("mock_domain_alloc_nested");
     return new MockNestedDomain(parent, iotlb);
   }
 
@@ -166,6 +173,15 @@ export class MockDriver implements IommuDriver {
         fail("ENOMEM", `fake error replacing PASID ${pasid}`);
       }
     }
+  }
+
+  selftestPasidFakeError(dev: DeviceInfo): boolean {
+    return this.pasidFakeError.has(dev);
+  }
+
+  restoreSelftestPasidFakeError(dev: DeviceInfo, armed: boolean): void {
+    if (armed) this.pasidFakeError.add(dev);
+    else this.pasidFakeError.delete(dev);
   }
 
   detachDev(dev: DeviceInfo, pasid: number): void {

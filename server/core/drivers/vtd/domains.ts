@@ -1,4 +1,5 @@
 import { fail, IommuError } from "../../errno.js";
+import { faultPoint } from "../../fail-nth.js";
 import { hex, type IovaRange } from "../../iova.js";
 import {
   copyStructFromUserArray,
@@ -47,13 +48,13 @@ export class VtdPagingDomain implements PagingDomain, TaggedParent {
     this.table = new SecondStageTable(addressWidth === 57 ? 5 : 4);
   }
 
-  map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, largePages: boolean): void {
+  map(iova: bigint, hostAddr: bigint, length: bigint, prot: IommuProt, largePages: boolean): () => void {
     // IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17: read-only mappings are refused
     // in a domain that serves as a nest parent (intel_iommu_map()).
     if (this.nestParent && !prot.write) {
       fail("EINVAL", `read-only mapping at ${hex(iova)} refused by a VT-d nest-parent domain (ERRATA_772415_SPR17)`);
     }
-    this.table.map(Number(iova >> 12n), Number(hostAddr >> 12n), Number(length >> 12n), prot.read, prot.write, largePages);
+    return this.table.map(Number(iova >> 12n), Number(hostAddr >> 12n), Number(length >> 12n), prot.read, prot.write, largePages);
   }
 
   unmap(iova: bigint, length: bigint): void {
@@ -94,13 +95,13 @@ export class VtdNestedDomain implements NestedDomain, TaggedDomain {
   }
 
   /** intel_nested_cache_invalidate_user() */
-  cacheInvalidateUser(array: UserDataArray): number {
+  cacheInvalidateUser(array: UserDataArray, start: number, end: number): number {
     if (array.type !== IOMMU_HWPT_INVALIDATE_DATA_VTD_S1) {
       throw new IommuError("EINVAL", `invalidation data_type ${array.type} is not IOMMU_HWPT_INVALIDATE_DATA_VTD_S1`, 0);
     }
-    let processed = 0;
+    let processed = start;
     try {
-      for (let i = 0; i < array.entryNum; i++) {
+      for (let i = start; i < end; i++) {
         // struct iommu_hwpt_vtd_s1_invalidate, min_last __reserved: exactly 24 bytes
         const inv = copyStructFromUserArray(array, IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, i, 24, 24);
         const addrLo = inv.getUint32(0, true);
@@ -118,6 +119,8 @@ export class VtdNestedDomain implements NestedDomain, TaggedDomain {
         // [addr, addr + npages * 4 KiB), in pages: exact as numbers below 2^52.
         const pfn = addrHi * 2 ** 20 + (addrLo >>> 12);
         const npages = npagesHi >= 2 ** 20 ? Infinity : npagesHi * 2 ** 32 + npagesLo;
+        // The entry's flush (intel_nested_flush_cache() -> qi_submit_sync()).
+        faultPoint("intel_nested_flush_cache");
         this.caches.flushNested(this, userInvalidationBlock(pfn, npages), (flags & IOMMU_VTD_INV_FLAGS_LEAF) !== 0);
         processed++;
       }

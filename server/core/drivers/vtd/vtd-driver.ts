@@ -1,4 +1,5 @@
 import { fail } from "../../errno.js";
+import { faultPoint } from "../../fail-nth.js";
 import type { GuestMemory } from "../../guest-memory.js";
 import type { DmaBatch } from "../../translate/dma-batch.js";
 import {
@@ -74,6 +75,8 @@ export class VtdDriver implements IommuDriver {
   /** intel_iommu_domain_alloc_paging_flags(): no user data for a paging domain. */
   allocPaging(_dev: DeviceInfo, flags: HwptAllocFlags, userData: UserData | undefined): PagingDomain {
     if (userData !== undefined) fail("EOPNOTSUPP", "VT-d takes no user data for a paging domain");
+    // paging_domain_alloc(): the dmar_domain and its top-level table.
+    faultPoint("intel_iommu_domain_alloc_paging_flags");
     return new VtdPagingDomain(this.caches, this.addressWidth, flags.dirtyTracking, flags.nestParent);
   }
 
@@ -87,6 +90,8 @@ export class VtdDriver implements IommuDriver {
     if (userData.data.length !== 24) fail("EINVAL", `data_len ${userData.data.length} is not 24 (struct iommu_hwpt_vtd_s1)`);
     const view = new DataView(userData.data.buffer, userData.data.byteOffset, 24);
     const s1 = { flags: view.getBigUint64(0, true), pgtblAddr: view.getBigUint64(8, true), addrWidth: view.getUint32(16, true) };
+    // The dmar_domain's kzalloc(), before it joins the parent's s1_domains.
+    faultPoint("intel_iommu_domain_alloc_nested");
     return new VtdNestedDomain(parent, s1, this.caches);
   }
 
@@ -111,6 +116,8 @@ export class VtdDriver implements IommuDriver {
       fail("EINVAL", "a device without dirty tracking cannot attach to a dirty-tracking domain");
     }
     if (domain instanceof VtdNestedDomain) this.checkS1Config(domain.s1);
+    // domain_attach_iommu(): the per-unit attach record (kzalloc).
+    faultPoint("domain_attach_iommu");
   }
 
   detachDev(_dev: DeviceInfo, _pasid: number): void {}
