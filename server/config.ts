@@ -55,7 +55,10 @@ function durationOrOff(value: string, what: string): number | undefined {
   if (value === "off") return undefined;
   const m = /^(\d+)(ms|s|m|h)$/.exec(value);
   const ms = m ? Number(m[1]) * DURATION_UNIT_MS[m[2]] : 0;
-  if (!Number.isSafeInteger(ms) || ms <= 0) throw new ConfigError(`${what} must be a duration like 500ms, 30s, 5m, 1h, or "off", got "${value}"`);
+  // Node runs a timer of more than 2^31 - 1 ms after 1 ms: refuse, not hammer.
+  if (!Number.isSafeInteger(ms) || ms <= 0 || ms > 2 ** 31 - 1) {
+    throw new ConfigError(`${what} must be a duration like 500ms, 30s, 5m, 1h (at most 596h), or "off", got "${value}"`);
+  }
   return ms;
 }
 

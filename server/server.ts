@@ -9,15 +9,17 @@ import { file_google_rpc_status } from "../gen/google/rpc/status_pb.js";
 import { file_grpc_health_v1_health } from "../gen/grpc/health/v1/health_pb.js";
 import { file_iommufd_v1_service, IommufdService } from "../gen/iommufd/v1/service_pb.js";
 import type { Config } from "./config.js";
-import { IommuError } from "./core/errno.js";
 import { VmRegistry } from "./core/vm.js";
 import { createMetrics } from "./metrics/registry.js";
 import { reflectionPackage, serviceDefinition, unaryHandlers } from "./rpc/bridge.js";
 import { WatchCalls } from "./rpc/inflight.js";
-import { iommufdServiceImplementation, TRANSLATE_CODEC, translateHandler } from "./rpc/service.js";
+import { INVALIDATE_CODEC, invalidateHandler, iommufdServiceImplementation, TRANSLATE_CODEC, translateHandler } from "./rpc/service.js";
+import { guarded } from "./rpc/guard.js";
+import { guardHttp2Streams } from "./rpc/http2-guard.js";
 import { callIdentity } from "./rpc/identity.js";
 import { exportVmHandler, importVmHandler } from "./rpc/snapshot.js";
 import { toStatus } from "./rpc/status.js";
+import { Turns } from "./rpc/turns.js";
 import { StateDir } from "./state-dir.js";
 
 export const SERVICE_NAME = IommufdService.typeName;
@@ -65,7 +67,7 @@ async function bindGrpc(server: grpc.Server, hostPort: string, credentials: grpc
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
   const vms = new VmRegistry(config.limits);
   const metricsOn = config.metricsListen !== "off";
-  const iommufdDefinition = serviceDefinition(IommufdService, { translate: TRANSLATE_CODEC }, config.maxMessageBytes);
+  const iommufdDefinition = serviceDefinition(IommufdService, { translate: TRANSLATE_CODEC, invalidate: INVALIDATE_CODEC }, config.maxMessageBytes);
   const { registry: metrics, grpcInterceptor } = createMetrics(vms, {
     vmLabelCap: config.metricsVmLabelCap,
     methods: [...Object.values(iommufdDefinition), ...HEALTH_METHODS],
@@ -79,24 +81,23 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     interceptors: metricsOn ? [grpcInterceptor, watches.interceptor] : [watches.interceptor],
   });
 
+  guardHttp2Streams(server);
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
   const identity = { mutualTls: config.tls?.clientCa !== undefined, adminIdentity: config.adminIdentity };
   const caller = (call: Parameters<typeof callIdentity>[0]) => callIdentity(call, identity);
-  // Every failed Invalidate reports entries_handled, 0 when it failed before
-  // any entry was looked at (unknown VM, malformed request): api.md.
-  const withEntries = (e: unknown) => (e instanceof IommuError && e.entriesHandled === undefined ? e.withEntriesHandled(0) : e);
-  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), caller, (e, method) =>
-    toStatus(method.name === "Invalidate" ? withEntries(e) : e, onBug),
-  );
-  handlers.translate = translateHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
-  handlers.exportVm = exportVmHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
+  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), caller, (e) => toStatus(e, onBug), config.maxMessageBytes);
+  // Long Translate batches and Invalidate arrays take turns (rpc/turns.ts).
+  const turns = new Turns();
+  handlers.translate = translateHandler(vms, caller, (e) => toStatus(e, onBug), turns, config.maxMessageBytes) as grpc.UntypedHandleCall;
+  handlers.invalidate = invalidateHandler(vms, caller, (e) => toStatus(e, onBug), turns) as grpc.UntypedHandleCall;
+  handlers.exportVm = exportVmHandler(vms, caller, (e) => toStatus(e, onBug), config.maxMessageBytes) as grpc.UntypedHandleCall;
   handlers.importVm = importVmHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
   server.addService(iommufdDefinition, handlers);
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
-  health.addToServer(server);
+  health.addToServer(guarded(server, (e) => toStatus(e, onBug)) as grpc.Server);
   new ReflectionService(
     reflectionPackage([file_iommufd_v1_service, file_grpc_health_v1_health, file_google_rpc_status, file_google_rpc_error_details]),
-  ).addToServer(server);
+  ).addToServer(guarded(server, (e) => toStatus(e, onBug)) as grpc.Server);
 
   // Restored before the port opens: no client sees a VM half-restored.
   let stateDir: StateDir | undefined;

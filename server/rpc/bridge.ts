@@ -52,6 +52,23 @@ function encoder(schema: DescMessage) {
   return (message: MessageShape<DescMessage>) => Buffer.from(toBinary(schema, message));
 }
 
+/**
+ * A response within the message size limit, else EDQUOT with a QuotaFailure:
+ * grpc-js would refuse it with a bare RESOURCE_EXHAUSTED.
+ */
+export function checkResponseSize(bytes: Buffer, maxBytes: number): Buffer {
+  if (bytes.length > maxBytes) {
+    throw new QuotaError({ subject: "response", description: `maxMessageBytes = ${maxBytes}` }, `response of ${bytes.length} bytes exceeds the message size limit of ${maxBytes}`);
+  }
+  return bytes;
+}
+
+/** Responses the handlers encoded already (to check their size) pass through. */
+function responseEncoder(schema: DescMessage) {
+  const encode = encoder(schema);
+  return (value: MessageShape<DescMessage> | Buffer) => (Buffer.isBuffer(value) ? value : encode(value));
+}
+
 /** A method's own wire codec, replacing protobuf-es (for a hot path). */
 export interface MethodCodec {
   requestDeserialize(bytes: Buffer): unknown;
@@ -73,7 +90,7 @@ export function serviceDefinition(service: DescService, codecs: Record<string, M
       responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
       requestSerialize: encoder(method.input) as (value: unknown) => Buffer,
       requestDeserialize: sizeChecked(codec?.requestDeserialize ?? decoder(method.input), maxRequestBytes),
-      responseSerialize: codec?.responseSerialize ?? (encoder(method.output) as (value: unknown) => Buffer),
+      responseSerialize: codec?.responseSerialize ?? (responseEncoder(method.output) as (value: unknown) => Buffer),
       responseDeserialize: (bytes: Buffer) => fromBinary(method.output, bytes),
     };
   }
@@ -91,15 +108,16 @@ export type UnaryImplementation<S extends GenServiceMethods, C> = {
 };
 
 /**
- * grpc-js handlers for a unary implementation: each decodes, calls, encodes,
- * and turns anything thrown (or a malformed request) into a status through
- * `toStatus`.
+ * grpc-js handlers for a unary implementation: each decodes, calls, encodes
+ * (refusing a response over maxResponseBytes), and turns anything thrown (or
+ * a malformed request) into a status through `toStatus`.
  */
 export function unaryHandlers<S extends GenServiceMethods, C>(
   service: GenService<S>,
   implementation: UnaryImplementation<S, C>,
   caller: (call: grpc.ServerUnaryCall<unknown, unknown>) => C,
   toStatus: (error: unknown, method: DescMethod) => Partial<grpc.StatusObject>,
+  maxResponseBytes = Infinity,
 ): grpc.UntypedServiceImplementation {
   const handlers: grpc.UntypedServiceImplementation = {};
   for (const method of service.methods) {
@@ -108,7 +126,8 @@ export function unaryHandlers<S extends GenServiceMethods, C>(
     const handler: grpc.handleUnaryCall<unknown, unknown> = (call, callback) => {
       try {
         if (call.request instanceof IommuError) throw call.request;
-        callback(null, create(method.output, fn(call.request, caller(call))));
+        const response = create(method.output, fn(call.request, caller(call)));
+        callback(null, checkResponseSize(Buffer.from(toBinary(method.output, response)), maxResponseBytes));
       } catch (e) {
         callback(toStatus(e, method));
       }

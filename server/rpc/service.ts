@@ -1,20 +1,22 @@
-import type { MessageInitShape } from "@bufbuild/protobuf";
-import type { AllocHwptRequest, InvalidateRequest } from "../../gen/iommufd/v1/hwpt_pb.js";
+import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { type AllocHwptRequest, InvalidateResponseSchema } from "../../gen/iommufd/v1/hwpt_pb.js";
 import type { HwInfoResponseSchema } from "../../gen/iommufd/v1/device_pb.js";
 import { IommuOption as IommuOptionPb } from "../../gen/iommufd/v1/ioas_pb.js";
 import { IommufdService } from "../../gen/iommufd/v1/service_pb.js";
 import { IommuModel as IommuModelPb, type VmSchema } from "../../gen/iommufd/v1/vm_pb.js";
 import { deviceAttach, deviceBind, deviceDetach, deviceHwInfo, deviceUnbind, type HwInfo, IOMMU_NO_PASID } from "../core/device.js";
 import { guestMemoryRead, guestMemoryWrite } from "../core/guest-memory.js";
-import { hwptAlloc, hwptDumpIotlb, hwptInvalidate, iommufdDestroy } from "../core/hwpt.js";
+import { hwptAlloc, hwptDumpIotlb, HwptInvalidation, iommufdDestroy } from "../core/hwpt.js";
 import { ioasAlloc, ioasAllowIovas, ioasCopy, ioasIovaRanges, ioasMap, ioasUnmap, iommuOption, type IommuOption } from "../core/ioas.js";
-import { decodeHwInfo, type HwptData, type Invalidations } from "../core/uapi.js";
+import { decodeHwInfo, type HwptData } from "../core/uapi.js";
 import { DmaBatch } from "../core/translate/dma-batch.js";
 import { checkTranslateBatch, translate } from "../core/translate/translate.js";
 import * as grpc from "@grpc/grpc-js";
-import type { MethodCodec } from "./bridge.js";
+import { checkResponseSize, type MethodCodec } from "./bridge.js";
+import type { Turns } from "./turns.js";
 import { IommuError } from "../core/errno.js";
 import { decodeTranslateRequest, encodeTranslateResponse, type TranslateWireRequest } from "./translate-codec.js";
+import { decodeInvalidateRequest, type InvalidateWireRequest } from "./invalidate-codec.js";
 import { ALL_TENANTS, type IommuModel, type Vm, type VmRegistry } from "../core/vm.js";
 import type { CallContext } from "./identity.js";
 import type { UnaryImplementation } from "./bridge.js";
@@ -70,21 +72,6 @@ function hwptDataOf(data: AllocHwptRequest["data"]): HwptData | undefined {
       return { kind: "selftest", iotlb: data.value.iotlb };
     case "raw":
       return { kind: "raw", dataType: data.value.dataType, data: data.value.data };
-  }
-}
-
-function invalidationsOf(requests: InvalidateRequest["requests"]): Invalidations | undefined {
-  switch (requests.case) {
-    case undefined:
-      return undefined;
-    case "vtdS1":
-      return { kind: "vtd_s1", entries: requests.value.entries };
-    case "armSmmuv3":
-      return { kind: "arm_smmuv3", commands: requests.value.commands };
-    case "selftest":
-      return { kind: "selftest", entries: requests.value.entries };
-    case "raw":
-      return { kind: "raw", ...requests.value };
   }
 }
 
@@ -194,8 +181,9 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
       const flags = { nestParent: req.nestParent, dirtyTracking: req.dirtyTracking, pasid: req.pasid };
       return { hwptId: hwptAlloc(ctx, { devId: req.devId, ptId: req.ptId, flags, data: hwptDataOf(req.data) }) };
     },
-    invalidate(req, caller) {
-      return { entriesHandled: hwptInvalidate(ctxOf(caller, req.vmId), req.hwptId, invalidationsOf(req.requests)) };
+    invalidate() {
+      // Served by invalidateHandler() with its own wire codec.
+      throw new Error("Invalidate is served by invalidateHandler()");
     },
     destroy(req, caller) {
       iommufdDestroy(ctxOf(caller, req.vmId), req.id);
@@ -222,22 +210,20 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
   };
 }
 
-/** A translated batch and the request it answers: what the Translate codec encodes. */
-interface TranslateResult {
-  batch: DmaBatch;
-  req: TranslateWireRequest;
-}
-
-/** Translate's wire codec (translate-codec.ts) for serviceDefinition(). */
+/**
+ * Translate's wire codec (translate-codec.ts) for serviceDefinition(): the
+ * handler encodes the response itself (to check its size), so it passes through.
+ */
 export const TRANSLATE_CODEC: MethodCodec = {
   requestDeserialize: decodeTranslateRequest,
-  responseSerialize: (value) => encodeTranslateResponse((value as TranslateResult).batch, (value as TranslateResult).req),
+  responseSerialize: (value) => value as Buffer,
 };
 
 /**
- * Accesses translated per event-loop turn: a huge batch (up to the
- * translateBatch quota) yields between chunks so that other tenants' calls
- * are not stalled behind it.
+ * Accesses translated per event-loop turn. A batch up to this size runs at
+ * once; a larger one (up to the translateBatch quota) runs chunk by chunk in
+ * the turns it shares with every other large request (turns.ts), so that
+ * other tenants' calls are not stalled behind it.
  */
 export const TRANSLATE_CHUNK = 8192;
 
@@ -246,7 +232,9 @@ export function translateHandler(
   vms: VmRegistry,
   caller: (call: grpc.ServerUnaryCall<unknown, unknown>) => CallContext,
   toStatus: (error: unknown) => Partial<grpc.StatusObject>,
-): grpc.handleUnaryCall<TranslateWireRequest | IommuError, TranslateResult> {
+  turns: Turns,
+  maxResponseBytes: number,
+): grpc.handleUnaryCall<TranslateWireRequest | IommuError, Buffer> {
   return async (call, callback) => {
     try {
       const req = call.request;
@@ -254,14 +242,60 @@ export function translateHandler(
       const tenant = caller(call).tenant;
       const batch = new DmaBatch(req.iovaLo, req.iovaHi, req.write);
       checkTranslateBatch(vms.get(tenant, req.vmId).ctx, batch);
+      const chunked = batch.count > TRANSLATE_CHUNK;
       for (let start = 0; start < batch.count || start === 0; start += TRANSLATE_CHUNK) {
-        if (start > 0) await new Promise((resolve) => setImmediate(resolve));
+        if (chunked) await turns.next();
         // The VM is looked up again after every turn: it may have gone meanwhile.
         translate(vms.get(tenant, req.vmId).ctx, req.devId, req.pasid, batch, start, Math.min(batch.count, start + TRANSLATE_CHUNK));
       }
-      callback(null, { batch, req });
+      callback(null, checkResponseSize(encodeTranslateResponse(batch, req), maxResponseBytes));
     } catch (e) {
       callback(toStatus(e));
+    }
+  };
+}
+
+/** Invalidate's request codec (invalidate-codec.ts); the handler encodes the response. */
+export const INVALIDATE_CODEC: MethodCodec = {
+  requestDeserialize: decodeInvalidateRequest,
+  responseSerialize: (value) => value as Buffer,
+};
+
+/**
+ * Invalidation entries handled per event-loop turn: an array up to this
+ * size is handled at once, a longer one (up to the invalidateEntries quota)
+ * in the turns it shares with every other long request.
+ */
+export const INVALIDATE_CHUNK = 4096;
+
+/**
+ * The Invalidate handler (IOMMU_HWPT_INVALIDATE). Every failure carries
+ * entries_handled: 0 before any entry was looked at (unknown VM, malformed
+ * request), else how many were handled, also when the VM or the HWPT went
+ * away between two chunks.
+ */
+export function invalidateHandler(
+  vms: VmRegistry,
+  caller: (call: grpc.ServerUnaryCall<unknown, unknown>) => CallContext,
+  toStatus: (error: unknown) => Partial<grpc.StatusObject>,
+  turns: Turns,
+): grpc.handleUnaryCall<InvalidateWireRequest | IommuError, Buffer> {
+  return async (call, callback) => {
+    let handled = 0;
+    try {
+      const req = call.request;
+      if (req instanceof IommuError) throw req;
+      const tenant = caller(call).tenant;
+      const invalidation = new HwptInvalidation(vms.get(tenant, req.vmId).ctx, req.hwptId, req.requests);
+      const chunked = invalidation.array.entryNum > INVALIDATE_CHUNK;
+      do {
+        if (chunked) await turns.next();
+        handled = invalidation.handled;
+        invalidation.step(vms.get(tenant, req.vmId).ctx, INVALIDATE_CHUNK);
+      } while (!invalidation.done);
+      callback(null, Buffer.from(toBinary(InvalidateResponseSchema, create(InvalidateResponseSchema, { entriesHandled: invalidation.handled }))));
+    } catch (e) {
+      callback(toStatus(e instanceof IommuError && e.entriesHandled === undefined ? e.withEntriesHandled(handled) : e));
     }
   };
 }

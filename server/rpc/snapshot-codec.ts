@@ -1,5 +1,5 @@
 import { createHash, type Hash } from "node:crypto";
-import { create, fromBinary, type MessageInitShape } from "@bufbuild/protobuf";
+import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { sizeDelimitedEncode, sizeDelimitedPeek } from "@bufbuild/protobuf/wire";
 import {
   type SnapshotObject,
@@ -61,7 +61,16 @@ function objectToPb(o: ObjectState): MessageInitShape<typeof SnapshotObjectSchem
     case "device":
       return {
         id: o.id,
-        object: { case: "device", value: { name: o.name, pasidCapable: o.pasidCapable, dirtyTrackingCapable: o.dirtyTrackingCapable, attachments: o.attachments.map((a) => ({ ...a })) } },
+        object: {
+          case: "device",
+          value: {
+            name: o.name,
+            pasidCapable: o.pasidCapable,
+            dirtyTrackingCapable: o.dirtyTrackingCapable,
+            attachments: o.attachments.map((a) => ({ ...a })),
+            selftestPasidFakeError: o.selftestPasidFakeError,
+          },
+        },
       };
   }
 }
@@ -83,7 +92,15 @@ function objectFromPb(o: SnapshotObject): ObjectState {
     }
     case "device": {
       const v = object.value;
-      return { id, kind: "device", name: v.name, pasidCapable: v.pasidCapable, dirtyTrackingCapable: v.dirtyTrackingCapable, attachments: v.attachments.map((a) => ({ pasid: a.pasid, hwptId: a.hwptId })) };
+      return {
+        id,
+        kind: "device",
+        name: v.name,
+        pasidCapable: v.pasidCapable,
+        dirtyTrackingCapable: v.dirtyTrackingCapable,
+        attachments: v.attachments.map((a) => ({ pasid: a.pasid, hwptId: a.hwptId })),
+        selftestPasidFakeError: v.selftestPasidFakeError,
+      };
     }
     case undefined:
       return fail("EINVAL", `snapshot object ${id} has no kind`);
@@ -205,7 +222,9 @@ function corrupt(what: string): never {
  * as the kernel answers an unknown data_type) and, at the end, the trailer's
  * length, checksum and page count (EINVAL when anything is off). A sink only
  * ever sees records that framed and decoded correctly; the caller must not
- * trust what it built until end() returned.
+ * trust what it built until end() returned. A refusal of the content (the
+ * format, or the sink's: EEXIST, EDQUOT, EINVAL) is reported by end(), and
+ * only if the stream is intact: damage is always EINVAL.
  */
 export class SnapshotDecoder {
   private buffered: Uint8Array = new Uint8Array(0);
@@ -213,8 +232,28 @@ export class SnapshotDecoder {
   private length = 0;
   private pageCount = 0;
   private state: "header" | "pages" | "done" = "header";
+  /**
+   * The first refusal of the content (an unknown format, or the sink's): it
+   * is reported only once the stream proved intact, so that a damaged stream
+   * is always EINVAL, never what its damaged bytes happened to say.
+   */
+  private refusal: unknown;
 
   constructor(private readonly sink: SnapshotSink) {}
+
+  /** The content was refused: the sink sees nothing more, end() will say why. */
+  get refused(): boolean {
+    return this.refusal !== undefined;
+  }
+
+  private deliver(fn: () => void): void {
+    if (this.refusal !== undefined) return;
+    try {
+      fn();
+    } catch (e) {
+      this.refusal = e;
+    }
+  }
 
   push(chunk: Uint8Array): void {
     this.buffered = this.buffered.length === 0 ? chunk : Buffer.concat([this.buffered, chunk]);
@@ -242,6 +281,7 @@ export class SnapshotDecoder {
   end(): void {
     if (this.state !== "done") corrupt(`truncated after ${this.length + this.buffered.length} bytes (no trailer)`);
     if (this.buffered.length > 0) corrupt(`${this.buffered.length} bytes after the trailer`);
+    if (this.refusal !== undefined) throw this.refusal;
   }
 
   private record(prefix: Uint8Array, body: Uint8Array): void {
@@ -256,6 +296,8 @@ export class SnapshotDecoder {
     if (value.case === "trailer") {
       const t = value.value;
       if (this.state !== "pages") corrupt("trailer before the header");
+      // The trailer is outside the checksum: only its one encoding is accepted.
+      if (!Buffer.from(toBinary(VmSnapshotRecordSchema, r)).equals(body)) corrupt("the trailer is not canonically encoded");
       if (t.length !== BigInt(this.length)) corrupt(`trailer says ${t.length} bytes, the stream has ${this.length}`);
       if (!this.hash.digest().equals(t.sha256)) corrupt("SHA-256 mismatch");
       if (t.pageCount !== BigInt(this.pageCount)) corrupt(`trailer says ${t.pageCount} pages, the stream has ${this.pageCount}`);
@@ -267,11 +309,12 @@ export class SnapshotDecoder {
     if (value.case === "header") {
       if (this.state !== "header") corrupt("a second header");
       const format = value.value.format;
+      if (format === SnapshotFormat.UNSPECIFIED) corrupt("the header names no format");
       if (format !== SnapshotFormat.V1) {
-        throw new IommuError("EOPNOTSUPP", `snapshot format ${format} is not supported (this server reads SNAPSHOT_FORMAT_V1)`);
+        this.refusal = new IommuError("EOPNOTSUPP", `snapshot format ${format} is not supported (this server reads SNAPSHOT_FORMAT_V1)`);
       }
       this.state = "pages";
-      this.sink.header(headerFromPb(value.value));
+      this.deliver(() => this.sink.header(headerFromPb(value.value)));
     } else if (value.case === "pages") {
       if (this.state !== "pages") corrupt("pages before the header");
       const pages = value.value.pages.map((p) => {
@@ -281,7 +324,7 @@ export class SnapshotDecoder {
         return { gpa: Number(p.gpa), data: p.data };
       });
       this.pageCount += pages.length;
-      this.sink.pages(pages);
+      this.deliver(() => this.sink.pages(pages));
     } else {
       corrupt(`unknown record at byte ${this.length}`);
     }

@@ -30,15 +30,19 @@ function writable(call: grpc.ServerWritableStream<unknown, unknown>): Promise<vo
 }
 
 /** ExportVm: the VM is captured at once; the chunks then flow at the pace the client reads. */
-export function exportVmHandler(vms: VmRegistry, caller: Caller, toStatus: ToStatus): grpc.handleServerStreamingCall<ExportVmRequest | IommuError, unknown> {
+export function exportVmHandler(vms: VmRegistry, caller: Caller, toStatus: ToStatus, maxMessageBytes: number): grpc.handleServerStreamingCall<ExportVmRequest | IommuError, unknown> {
+  // Room for the ExportVmResponse framing of the chunk (tag + length varint).
+  const piece = Math.max(1, maxMessageBytes - 16);
   return async (call) => {
     try {
       const req = call.request;
       if (req instanceof IommuError) throw req;
       const chunks = exportVmSnapshot(vms.get(caller(call).tenant, req.vmId));
       for (const chunk of chunks) {
-        if (call.cancelled) return;
-        if (!call.write(create(ExportVmResponseSchema, { chunk }))) await writable(call);
+        for (let i = 0; i < chunk.length; i += piece) {
+          if (call.cancelled) return;
+          if (!call.write(create(ExportVmResponseSchema, { chunk: chunk.subarray(i, i + piece) }))) await writable(call);
+        }
       }
       call.end();
     } catch (e) {
@@ -63,6 +67,9 @@ export class VmSnapshotImport {
 
   push(chunk: Uint8Array): void {
     this.guard(() => this.decoder.push(chunk));
+    // Refused content: give the VM and its quota back now; the answer waits
+    // for the end of the stream (see SnapshotDecoder.refused).
+    if (this.decoder.refused) this.target.abort();
   }
 
   /** The stream is complete: check it and publish the VM. */
@@ -122,7 +129,10 @@ export function importVmHandler(vms: VmRegistry, caller: Caller, toStatus: ToSta
     });
     // A client that goes away mid-stream leaves nothing behind (and there
     // is nobody left to answer).
+    // grpc-js also reports "cancelled" once a finished call's stream closes:
+    // by then the VM is published (or already discarded) and is not touched.
     const gone = () => {
+      if (finished) return;
       finished = true;
       importing?.abort();
     };

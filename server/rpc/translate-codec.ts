@@ -2,6 +2,7 @@ import type { DmaBatch } from "../core/translate/dma-batch.js";
 import { faultName } from "../core/translate/fault.js";
 import type { IommuError } from "../core/errno.js";
 import { rejectedRequest } from "./bridge.js";
+import { Reader, WIRE_LEN, WIRE_VARINT } from "./wire-reader.js";
 
 /**
  * The wire codec of Translate, the DMA hot path: TranslateRequest decoded
@@ -19,74 +20,6 @@ export interface TranslateWireRequest {
   iovaLo: Uint32Array;
   iovaHi: Uint32Array;
   write: boolean;
-}
-
-const WIRE_VARINT = 0;
-const WIRE_FIXED64 = 1;
-const WIRE_LEN = 2;
-const WIRE_FIXED32 = 5;
-
-class Reader {
-  pos = 0;
-  /** The last varint read, as u32 halves. */
-  lo = 0;
-  hi = 0;
-
-  constructor(readonly buf: Buffer) {}
-
-  /** Reads a varint into (lo, hi); throws on a truncated or over-long one. */
-  varint(): void {
-    const buf = this.buf;
-    let lo = 0;
-    let hi = 0;
-    let b = 0;
-    for (let shift = 0; shift < 28; shift += 7) {
-      b = buf[this.pos++];
-      if (b === undefined) throw new Error("truncated varint");
-      lo |= (b & 0x7f) << shift;
-      if (b < 0x80) {
-        this.lo = lo >>> 0;
-        this.hi = 0;
-        return;
-      }
-    }
-    b = buf[this.pos++];
-    if (b === undefined) throw new Error("truncated varint");
-    lo |= (b & 0x0f) << 28;
-    hi = (b & 0x7f) >> 4;
-    if (b >= 0x80) {
-      for (let shift = 3; ; shift += 7) {
-        if (shift > 31) throw new Error("varint longer than 10 bytes");
-        b = buf[this.pos++];
-        if (b === undefined) throw new Error("truncated varint");
-        hi |= (b & 0x7f) << shift;
-        if (b < 0x80) break;
-      }
-    }
-    this.lo = lo >>> 0;
-    this.hi = hi >>> 0;
-  }
-
-  skip(wireType: number): void {
-    switch (wireType) {
-      case WIRE_VARINT:
-        this.varint();
-        break;
-      case WIRE_FIXED64:
-        this.pos += 8;
-        break;
-      case WIRE_LEN:
-        this.varint();
-        this.pos += this.lo;
-        break;
-      case WIRE_FIXED32:
-        this.pos += 4;
-        break;
-      default:
-        throw new Error(`unsupported wire type ${wireType}`);
-    }
-    if (this.pos > this.buf.length) throw new Error("truncated field");
-  }
 }
 
 /** Decodes a TranslateRequest; a malformed one becomes an EINVAL IommuError. */
