@@ -190,15 +190,35 @@ export class IoPagetable {
     }
   }
 
-  private mapArea(domain: PagingDomain, area: Area): () => void {
-    return domain.map(area.iova, area.hostAddr, areaLength(area), area.prot, !this.disableLargePages);
+  /**
+   * An area mapped while HUGE_PAGES was 0 keeps its 4 KiB pages in that
+   * domain when large pages are enabled again: the domains each area was so
+   * mapped into, for a snapshot to rebuild the very same tables.
+   */
+  private readonly smallPagesIn = new WeakMap<Area, Set<PagingDomain>>();
+
+  private mapArea(domain: PagingDomain, area: Area, largePages = !this.disableLargePages): () => void {
+    const undo = domain.map(area.iova, area.hostAddr, areaLength(area), area.prot, largePages);
+    if (largePages) return undo;
+    let domains = this.smallPagesIn.get(area);
+    if (domains === undefined) this.smallPagesIn.set(area, (domains = new Set()));
+    domains.add(domain);
+    return () => {
+      domains.delete(domain);
+      undo();
+    };
+  }
+
+  /** The areas `domain` maps with 4 KiB pages only (HUGE_PAGES was 0 when they went in). */
+  smallPageAreas(domain: PagingDomain): Area[] {
+    return this.areas.filter((a) => this.smallPagesIn.get(a)?.has(domain));
   }
 
   /**
    * iopt_area_fill_domains() for a batch of new areas: pin, then map each into
    * every domain; on failure unmap what was mapped and rethrow.
    */
-  private fillDomains(areas: readonly Area[], domains: readonly PagingDomain[]): void {
+  private fillDomains(areas: readonly Area[], domains: readonly PagingDomain[], largePages?: (area: Area) => boolean): void {
     const undo: (() => void)[] = [];
     try {
       for (const area of areas) {
@@ -206,7 +226,7 @@ export class IoPagetable {
         this.checkPinnable(area);
         // pfn_reader_first(): the pin batch of the area.
         faultPoint("iopt_area_fill_domains");
-        for (const domain of domains) undo.push(this.mapArea(domain, area));
+        for (const domain of domains) undo.push(this.mapArea(domain, area, largePages?.(area)));
       }
     } catch (e) {
       // iopt_area_unfill_domains() of the error path, newest first. The
@@ -349,9 +369,10 @@ export class IoPagetable {
 
   /**
    * iopt_table_add_domain(): the domain's page size raises the alignment, its
-   * aperture becomes reserved, and every area is mapped into it.
+   * aperture becomes reserved, and every area is mapped into it (a
+   * snapshot's restore says which areas were mapped with 4 KiB pages only).
    */
-  tableAddDomain(domain: PagingDomain): void {
+  tableAddDomain(domain: PagingDomain, smallPageIovas?: ReadonlySet<bigint>): void {
     const alignment = domain.pgsizeMin > this.iovaAlignment ? domain.pgsizeMin : this.iovaAlignment;
     if (alignment > PAGE_SIZE) fail("EINVAL", `domain page size ${hex(alignment)} exceeds PAGE_SIZE`);
     if (alignment !== this.iovaAlignment) this.checkIovaAlignment(alignment);
@@ -360,7 +381,7 @@ export class IoPagetable {
       if (domain.aperture.last !== ULONG_MAX) this.reserveIova(domain.aperture.last + 1n, ULONG_MAX, domain);
       // xa_reserve() of the domain's slot in iopt->domains.
       faultPoint("xa_reserve");
-      this.fillDomains(this.areas, [domain]);
+      this.fillDomains(this.areas, [domain], smallPageIovas && ((area) => !this.disableLargePages && !smallPageIovas.has(area.iova)));
     } catch (e) {
       this.removeReservedIova(domain);
       throw e;

@@ -31,6 +31,8 @@ export type ObjectState =
       readonly dirtyTracking: boolean;
       readonly pasid: boolean;
       readonly autoDomain: boolean;
+      /** Areas (by IOVA) this domain maps with 4 KiB pages only: mapped while HUGE_PAGES was 0. */
+      readonly smallPageAreas: readonly bigint[];
     }
   | { readonly id: number; readonly kind: "hwpt_nested"; readonly parentId: number; readonly pasid: boolean; readonly data: UserData; readonly selftestIotlb: readonly number[] }
   | {
@@ -80,7 +82,8 @@ export function captureVm(vm: Vm): VmState {
       objects.push({ id: obj.id, kind: "ioas", areas, allowed: [...obj.iopt.allowedRanges()], hugePages: !obj.iopt.disableLargePages, hwptIds: obj.hwpts.map((h) => h.id) });
     } else if (obj instanceof HwptPaging) {
       const d = obj.domain;
-      objects.push({ id: obj.id, kind: "hwpt_paging", ioasId: obj.ioas.id, nestParent: obj.nestParent, dirtyTracking: d.dirtyTracking, pasid: obj.pasidCompat, autoDomain: obj.autoDomain });
+      const smallPageAreas = obj.ioas.iopt.smallPageAreas(d).map((a) => a.iova);
+      objects.push({ id: obj.id, kind: "hwpt_paging", ioasId: obj.ioas.id, nestParent: obj.nestParent, dirtyTracking: d.dirtyTracking, pasid: obj.pasidCompat, autoDomain: obj.autoDomain, smallPageAreas });
     } else if (obj instanceof HwptNested) {
       const selftestIotlb = ctx.driver.restoreSelftestIotlb ? [...ctx.driver.dumpIotlb(obj.domain).selftestIotlb] : [];
       objects.push({ id: obj.id, kind: "hwpt_nested", parentId: obj.parent.id, pasid: obj.pasidCompat, data: obj.userData, selftestIotlb });
@@ -170,7 +173,7 @@ export function restoreObjects(vm: Vm, state: VmState): void {
         const hwpt = new HwptPaging(ioas, domain, h.nestParent, h.pasid);
         ctx.reserveId(hwpt, hwptId);
         ioas.users++;
-        ioas.iopt.tableAddDomain(domain);
+        ioas.iopt.tableAddDomain(domain, new Set(h.smallPageAreas));
         ioas.hwpts.push(hwpt);
         hwpt.autoDomain = h.autoDomain;
         ctx.finalize(hwpt);

@@ -52,7 +52,7 @@ function objectToPb(o: ObjectState): MessageInitShape<typeof SnapshotObjectSchem
         },
       };
     case "hwpt_paging":
-      return { id: o.id, object: { case: "hwptPaging", value: { ...o } } };
+      return { id: o.id, object: { case: "hwptPaging", value: { ...o, smallPageAreas: [...o.smallPageAreas] } } };
     case "hwpt_nested":
       return {
         id: o.id,
@@ -84,7 +84,16 @@ function objectFromPb(o: SnapshotObject): ObjectState {
     }
     case "hwptPaging": {
       const v = object.value;
-      return { id, kind: "hwpt_paging", ioasId: v.ioasId, nestParent: v.nestParent, dirtyTracking: v.dirtyTracking, pasid: v.pasid, autoDomain: v.autoDomain };
+      return {
+        id,
+        kind: "hwpt_paging",
+        ioasId: v.ioasId,
+        nestParent: v.nestParent,
+        dirtyTracking: v.dirtyTracking,
+        pasid: v.pasid,
+        autoDomain: v.autoDomain,
+        smallPageAreas: v.smallPageAreas,
+      };
     }
     case "hwptNested": {
       const v = object.value;
