@@ -17,7 +17,10 @@ if (config === undefined) {
   process.exit(0);
 }
 
-const log = pino({ name: "iommufd-service", level: config.logLevel });
+// Synchronous writes: the server logs lifecycle events and errors, never per
+// call, and an asynchronous stdout whose reader went away (a closed pipe)
+// would keep pino's exit-time flush retrying, so SIGTERM could not end the process.
+const log = pino({ name: "iommufd-service", level: config.logLevel }, pino.destination({ dest: 1, sync: true }));
 
 try {
   const server = await startServer(config, log);

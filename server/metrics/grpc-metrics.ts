@@ -1,12 +1,14 @@
 import * as grpc from "@grpc/grpc-js";
-import { Counter, Histogram, type Registry } from "prom-client";
+import type { Registry } from "prom-client";
+import { ComputedMetric, histogramSamples, type Sample } from "./computed.js";
 
 /**
  * The go-grpc-prometheus server metrics (grpc_server_started_total,
  * grpc_server_handled_total, grpc_server_handling_seconds) from a grpc-js
  * server interceptor, so existing gRPC dashboards and alerts work unchanged.
- * Label children are cached per method and code: a call costs a few
- * increments, no label hashing.
+ * A call costs a few increments of plain per-method counters (no label
+ * hashing, no prom-client on the call path); the series are built at scrape
+ * time, like the emulator's own (computed.ts).
  */
 
 /** Buckets around this service's sub-millisecond unary calls and the latency SLO. */
@@ -33,12 +35,16 @@ const CODE_NAMES = [
   "Unauthenticated",
 ];
 
-type Children = {
-  started: { inc(value?: number): void };
-  handled: Map<number, { inc(value?: number): void }>;
-  seconds: { observe(v: number): void };
-  labels: Record<string, string>;
-};
+/** A method's counters: started, handled by code, handling-time buckets. */
+interface MethodCounters {
+  readonly labels: Record<string, string>;
+  started: number;
+  readonly handled: Float64Array;
+  readonly buckets: Float64Array;
+  sum: number;
+}
+
+const UNKNOWN = 2;
 
 function grpcType(method: ServedMethod): string {
   if (method.requestStream) return method.responseStream ? "bidi_stream" : "client_stream";
@@ -58,50 +64,43 @@ export interface ServedMethod {
  * the start, so the first error after a restart shows up in rate().
  */
 export function grpcServerMetrics(registry: Registry, methods: readonly ServedMethod[]): grpc.ServerInterceptor {
-  const labelNames = ["grpc_type", "grpc_service", "grpc_method"] as const;
-  const started = new Counter({ name: "grpc_server_started_total", help: "Total number of RPCs started on the server.", labelNames, registers: [registry] });
-  const handled = new Counter({
-    name: "grpc_server_handled_total",
-    help: "Total number of RPCs completed on the server, regardless of success or failure.",
-    labelNames: [...labelNames, "grpc_code"],
-    registers: [registry],
-  });
-  const seconds = new Histogram({
-    name: "grpc_server_handling_seconds",
-    help: "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
-    labelNames,
-    buckets: HANDLING_BUCKETS,
-    registers: [registry],
-  });
-  const byPath = new Map<string, Children>();
-  const childrenOf = (method: ServedMethod): Children => {
+  const byPath = new Map<string, MethodCounters>();
+  const countersOf = (method: ServedMethod): MethodCounters => {
     let c = byPath.get(method.path);
     if (c === undefined) {
       const [service, name] = method.path.slice(1).split("/");
       const labels = { grpc_type: grpcType(method), grpc_service: service, grpc_method: name };
-      const handledByCode = new Map(CODE_NAMES.map((grpc_code, code) => [code, handled.labels({ ...labels, grpc_code })]));
-      c = { started: started.labels(labels), handled: handledByCode, seconds: seconds.labels(labels), labels };
-      for (const h of handledByCode.values()) h.inc(0);
-      c.started.inc(0);
+      c = { labels, started: 0, handled: new Float64Array(CODE_NAMES.length), buckets: new Float64Array(HANDLING_BUCKETS.length + 1), sum: 0 };
       byPath.set(method.path, c);
     }
     return c;
   };
-  for (const method of methods) childrenOf(method);
+  for (const method of methods) countersOf(method);
+
+  new ComputedMetric("grpc_server_started_total", "Total number of RPCs started on the server.", "counter", () =>
+    [...byPath.values()].map((c) => ({ labels: c.labels, value: c.started })),
+  ).register(registry);
+  new ComputedMetric("grpc_server_handled_total", "Total number of RPCs completed on the server, regardless of success or failure.", "counter", () => {
+    const out: Sample[] = [];
+    for (const c of byPath.values()) c.handled.forEach((value, code) => out.push({ labels: { ...c.labels, grpc_code: CODE_NAMES[code] }, value }));
+    return out;
+  }).register(registry);
+  new ComputedMetric("grpc_server_handling_seconds", "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.", "histogram", () =>
+    [...byPath.values()].flatMap((c) => histogramSamples("grpc_server_handling_seconds", c.labels, HANDLING_BUCKETS, c.buckets, c.sum)),
+  ).register(registry);
 
   return (method, call) => {
-    const c = childrenOf(method);
-    c.started.inc();
+    const c = countersOf(method);
+    c.started++;
     const start = performance.now();
     return new grpc.ServerInterceptingCall(call, {
       sendStatus: (status, next) => {
-        let h = c.handled.get(status.code);
-        if (h === undefined) {
-          h = handled.labels({ ...c.labels, grpc_code: String(status.code) });
-          c.handled.set(status.code, h);
-        }
-        h.inc();
-        c.seconds.observe((performance.now() - start) / 1000);
+        c.handled[status.code >= 0 && status.code < CODE_NAMES.length ? status.code : UNKNOWN]++;
+        const seconds = (performance.now() - start) / 1000;
+        let b = 0;
+        while (b < HANDLING_BUCKETS.length && seconds > HANDLING_BUCKETS[b]) b++;
+        c.buckets[b]++;
+        c.sum += seconds;
         next(status);
       },
     });

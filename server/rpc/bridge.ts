@@ -104,8 +104,16 @@ type Method<S extends GenServiceMethods, K extends keyof S> = S[K] & DescMethod;
  * what it learns of the caller. Streaming methods have handlers of their own.
  */
 export type UnaryImplementation<S extends GenServiceMethods, C> = {
-  [K in keyof S as S[K]["methodKind"] extends "unary" ? K : never]: (request: MessageShape<Method<S, K>["input"]>, caller: C) => MessageInitShape<Method<S, K>["output"]>;
+  [K in keyof S as S[K]["methodKind"] extends "unary" ? K : never]: (
+    request: MessageShape<Method<S, K>["input"]>,
+    caller: C,
+  ) => MessageInitShape<Method<S, K>["output"]> | EncodedResponse;
 };
+
+/** A response the implementation encoded itself (e.g. one it caches). */
+export class EncodedResponse {
+  constructor(readonly bytes: Buffer) {}
+}
 
 /**
  * grpc-js handlers for a unary implementation: each decodes, calls, encodes
@@ -122,12 +130,13 @@ export function unaryHandlers<S extends GenServiceMethods, C>(
   const handlers: grpc.UntypedServiceImplementation = {};
   for (const method of service.methods) {
     if (method.methodKind !== "unary") continue;
-    const fn = implementation[method.localName as keyof typeof implementation] as (request: unknown, caller: C) => MessageInitShape<DescMessage>;
+    const fn = implementation[method.localName as keyof typeof implementation] as (request: unknown, caller: C) => MessageInitShape<DescMessage> | EncodedResponse;
     const handler: grpc.handleUnaryCall<unknown, unknown> = (call, callback) => {
       try {
         if (call.request instanceof IommuError) throw call.request;
-        const response = create(method.output, fn(call.request, caller(call)));
-        callback(null, checkResponseSize(Buffer.from(toBinary(method.output, response)), maxResponseBytes));
+        const response = fn(call.request, caller(call));
+        const bytes = response instanceof EncodedResponse ? response.bytes : Buffer.from(toBinary(method.output, create(method.output, response)));
+        callback(null, checkResponseSize(bytes, maxResponseBytes));
       } catch (e) {
         callback(toStatus(e, method));
       }

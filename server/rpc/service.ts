@@ -1,6 +1,6 @@
 import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { type AllocHwptRequest, InvalidateResponseSchema } from "../../gen/iommufd/v1/hwpt_pb.js";
-import type { HwInfoResponseSchema } from "../../gen/iommufd/v1/device_pb.js";
+import { HwInfoResponseSchema } from "../../gen/iommufd/v1/device_pb.js";
 import { IommuOption as IommuOptionPb } from "../../gen/iommufd/v1/ioas_pb.js";
 import { IommufdService } from "../../gen/iommufd/v1/service_pb.js";
 import { IommuModel as IommuModelPb, type VmSchema } from "../../gen/iommufd/v1/vm_pb.js";
@@ -12,7 +12,8 @@ import { decodeHwInfo, type HwptData } from "../core/uapi.js";
 import { DmaBatch } from "../core/translate/dma-batch.js";
 import { checkTranslateBatch, translate } from "../core/translate/translate.js";
 import * as grpc from "@grpc/grpc-js";
-import { checkResponseSize, type MethodCodec } from "./bridge.js";
+import { checkResponseSize, EncodedResponse, type MethodCodec } from "./bridge.js";
+import type { Device } from "../core/objects.js";
 import type { Turns } from "./turns.js";
 import { IommuError } from "../core/errno.js";
 import { decodeTranslateRequest, encodeTranslateResponse, type TranslateWireRequest } from "./translate-codec.js";
@@ -88,6 +89,8 @@ function hwInfoToPb(info: HwInfo): MessageInitShape<typeof HwInfoResponseSchema>
   }
 }
 
+const hwInfoCache = new WeakMap<Device, Map<number, EncodedResponse>>();
+
 export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementation<Service, CallContext> {
   const ctxOf = (caller: CallContext, vmId: string) => vms.get(caller.tenant, vmId).ctx;
   return {
@@ -145,7 +148,20 @@ export function iommufdServiceImplementation(vms: VmRegistry): UnaryImplementati
       return {};
     },
     hwInfo(req, caller) {
-      return hwInfoToPb(deviceHwInfo(ctxOf(caller, req.vmId), req.devId, req.dataType));
+      // The answer is fixed for a bound device (its capabilities and the
+      // VM's registers): encoded once per device and requested type. The
+      // lookups run every time, so errors are as uncached.
+      const ctx = ctxOf(caller, req.vmId);
+      const idev = ctx.getDevice(req.devId);
+      let byType = hwInfoCache.get(idev);
+      if (byType === undefined) hwInfoCache.set(idev, (byType = new Map()));
+      const type = req.dataType ?? -1;
+      let encoded = byType.get(type);
+      if (encoded === undefined) {
+        encoded = new EncodedResponse(Buffer.from(toBinary(HwInfoResponseSchema, create(HwInfoResponseSchema, hwInfoToPb(deviceHwInfo(ctx, req.devId, req.dataType))))));
+        byType.set(type, encoded);
+      }
+      return encoded;
     },
 
     allocIoas(req, caller) {
