@@ -68,7 +68,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const vms = new VmRegistry(config.limits);
   const metricsOn = config.metricsListen !== "off";
   const iommufdDefinition = serviceDefinition(IommufdService, { translate: TRANSLATE_CODEC, invalidate: INVALIDATE_CODEC }, config.maxMessageBytes);
-  const { registry: metrics, grpcInterceptor } = createMetrics(vms, {
+  const { registry: metrics, instrument } = createMetrics(vms, {
     vmLabelCap: config.metricsVmLabelCap,
     methods: [...Object.values(iommufdDefinition), ...HEALTH_METHODS],
   });
@@ -78,7 +78,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     // this margin the deserializer does, with EDQUOT and a QuotaFailure.
     "grpc.max_receive_message_length": config.maxMessageBytes + (1 << 20),
     "grpc.max_send_message_length": config.maxMessageBytes,
-    interceptors: metricsOn ? [grpcInterceptor, watches.interceptor] : [watches.interceptor],
+    interceptors: [watches.interceptor],
   });
 
   guardHttp2Streams(server);
@@ -92,12 +92,15 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   handlers.invalidate = invalidateHandler(vms, caller, (e) => toStatus(e, onBug), turns) as grpc.UntypedHandleCall;
   handlers.exportVm = exportVmHandler(vms, caller, (e) => toStatus(e, onBug), config.maxMessageBytes) as grpc.UntypedHandleCall;
   handlers.importVm = importVmHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
+  // With metrics on, every handler is counted (metrics/grpc-metrics.ts).
+  const counted = metricsOn ? instrument : (_method: unknown, handler: grpc.UntypedHandleCall) => handler;
+  for (const [name, method] of Object.entries(iommufdDefinition)) handlers[name] = counted(method, handlers[name]);
   server.addService(iommufdDefinition, handlers);
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
-  health.addToServer(guarded(server, (e) => toStatus(e, onBug)) as grpc.Server);
+  health.addToServer(guarded(server, (e) => toStatus(e, onBug), counted) as grpc.Server);
   new ReflectionService(
     reflectionPackage([file_iommufd_v1_service, file_grpc_health_v1_health, file_google_rpc_status, file_google_rpc_error_details]),
-  ).addToServer(guarded(server, (e) => toStatus(e, onBug)) as grpc.Server);
+  ).addToServer(guarded(server, (e) => toStatus(e, onBug), counted) as grpc.Server);
 
   // Restored before the port opens: no client sees a VM half-restored.
   let stateDir: StateDir | undefined;

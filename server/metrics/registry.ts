@@ -1,14 +1,13 @@
-import type * as grpc from "@grpc/grpc-js";
 import { collectDefaultMetrics, Registry } from "prom-client";
 import type { VmRegistry } from "../core/vm.js";
-import { grpcServerMetrics, type ServedMethod } from "./grpc-metrics.js";
+import { grpcServerMetrics, type Instrument, type ServedMethod } from "./grpc-metrics.js";
 import { IommufdMetrics } from "./iommufd-metrics.js";
 
 /** The process's metrics (metrics.md): iommufd_*, grpc_server_*, and prom-client's process/Node defaults. */
 export interface Metrics {
   readonly registry: Registry;
-  /** Counts every RPC with the go-grpc-prometheus names. */
-  readonly grpcInterceptor: grpc.ServerInterceptor;
+  /** Wraps a handler so that its calls count, with the go-grpc-prometheus names. */
+  readonly instrument: Instrument;
 }
 
 export function createMetrics(vms: VmRegistry, options: { vmLabelCap: number; methods: readonly ServedMethod[] }): Metrics {
@@ -19,5 +18,5 @@ export function createMetrics(vms: VmRegistry, options: { vmLabelCap: number; me
     registry.removeSingleMetric(name);
   }
   new IommufdMetrics(vms, options.vmLabelCap).register(registry);
-  return { registry, grpcInterceptor: grpcServerMetrics(registry, options.methods) };
+  return { registry, instrument: grpcServerMetrics(registry, options.methods) };
 }

@@ -44,16 +44,23 @@ function guardHandler(method: grpc.MethodDefinition<unknown, unknown>, handler: 
   };
 }
 
-/** A view of `server` whose addService() guards every method it is given. */
-export function guarded(server: grpc.Server, toStatus: (error: unknown) => Partial<grpc.StatusObject>): Pick<grpc.Server, "addService"> {
+/**
+ * A view of `server` whose addService() guards every method it is given,
+ * and passes each guarded handler through `wrap` (metrics).
+ */
+export function guarded(
+  server: grpc.Server,
+  toStatus: (error: unknown) => Partial<grpc.StatusObject>,
+  wrap: (method: grpc.MethodDefinition<unknown, unknown>, handler: grpc.UntypedHandleCall) => grpc.UntypedHandleCall,
+): Pick<grpc.Server, "addService"> {
   return {
     addService(definition, implementation) {
       const guardedDefinition: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
-      const guardedImplementation: Record<string, Handler> = {};
+      const guardedImplementation: Record<string, grpc.UntypedHandleCall> = {};
       for (const [name, method] of Object.entries(definition as Record<string, grpc.MethodDefinition<unknown, unknown>>)) {
         guardedDefinition[name] = { ...method, requestDeserialize: guardDeserializer(method.requestDeserialize) };
         const handler = (implementation as Record<string, Handler>)[name] ?? (implementation as Record<string, Handler>)[method.originalName ?? ""];
-        if (handler) guardedImplementation[name] = guardHandler(method, handler, toStatus);
+        if (handler) guardedImplementation[name] = wrap(method, guardHandler(method, handler, toStatus) as unknown as grpc.UntypedHandleCall);
       }
       server.addService(guardedDefinition, guardedImplementation as grpc.UntypedServiceImplementation);
     },

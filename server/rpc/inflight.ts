@@ -12,7 +12,8 @@ export class WatchCalls {
   constructor(private readonly paths: ReadonlySet<string>) {}
 
   readonly interceptor: grpc.ServerInterceptor = (method, call) => {
-    if (!this.paths.has(method.path)) return new grpc.ServerInterceptingCall(call);
+    // Any other call passes untouched: no intercepting layer on its path.
+    if (!this.paths.has(method.path)) return call as grpc.ServerInterceptingCall;
     const watch: grpc.ServerInterceptingCall = new grpc.ServerInterceptingCall(call, {
       start: (next) => next({ onCancel: () => this.open.delete(watch) }),
       sendStatus: (status, next) => {
