@@ -1,7 +1,4 @@
-import { type ChildProcessByStdio, spawn } from "node:child_process";
-import { join } from "node:path";
 import { createInterface } from "node:readline";
-import type { Readable } from "node:stream";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
@@ -14,67 +11,16 @@ import {
   HealthCheckResponseSchema,
 } from "../../gen/grpc/health/v1/health_pb.js";
 import { IommuModel } from "../../gen/iommufd/v1/vm_pb.js";
-import { REPO_ROOT } from "./support.js";
+import { type Exit, killServers, launch, runToExit } from "./server-process.js";
 
 /** The server as `npm start` runs it: tsx, a real process, real signals. */
 
-const TSX = join(REPO_ROOT, "node_modules/.bin/tsx");
-const MAIN = join(REPO_ROOT, "server/main.ts");
 const EPHEMERAL = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"];
 
-type Child = ChildProcessByStdio<null, Readable, Readable>;
-interface Exit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
-
-const children = new Set<Child>();
-
-function launch(args: string[], env: NodeJS.ProcessEnv = {}): { child: Child; exited: Promise<Exit> } {
-  // Own process group: tsx runs the server in a child node process, and
-  // cleanup must reach both.
-  const child = spawn(TSX, [MAIN, ...args], {
-    cwd: REPO_ROOT,
-    env: { ...process.env, ...env },
-    stdio: ["ignore", "pipe", "pipe"],
-    detached: true,
-  });
-  children.add(child);
-  // "close", not "exit": the output is complete only once the pipes close.
-  const exited = new Promise<Exit>((resolve) => child.once("close", (code, signal) => resolve({ code, signal })));
-  return { child, exited };
-}
-
-afterEach(() => {
-  for (const child of children) {
-    if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) {
-      try {
-        process.kill(-child.pid, "SIGKILL");
-      } catch {
-        // Already gone.
-      }
-    }
-  }
-  children.clear();
-});
-
-function collect(stream: Readable): () => string {
-  let text = "";
-  stream.setEncoding("utf8").on("data", (chunk: string) => (text += chunk));
-  return () => text;
-}
-
-/** Runs the process to completion with its output. */
-async function runToExit(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Exit & { stdout: string; stderr: string }> {
-  const { child, exited } = launch(args, env);
-  const stdout = collect(child.stdout);
-  const stderr = collect(child.stderr);
-  const exit = await exited;
-  return { ...exit, stdout: stdout(), stderr: stderr() };
-}
+afterEach(killServers);
 
 interface ServerProcess {
-  child: Child;
+  child: ReturnType<typeof launch>["child"];
   exited: Promise<Exit>;
   /** Bound addresses, HOST:PORT, from the "listening" log line. */
   grpc: string;
@@ -83,8 +29,7 @@ interface ServerProcess {
 
 /** Starts the server and waits for the pino line that names the bound addresses. */
 async function startProcess(args: string[], env: NodeJS.ProcessEnv = {}): Promise<ServerProcess> {
-  const { child, exited } = launch(args, env);
-  const stderr = collect(child.stderr);
+  const { child, exited, stderr } = launch(args, env);
   const addresses = await new Promise<{ grpc: string; metrics: string }>((resolve, reject) => {
     createInterface({ input: child.stdout }).on("line", (line) => {
       let entry: { grpc?: unknown; metrics?: unknown };

@@ -6,8 +6,9 @@ import { REPO_ROOT } from "./support.js";
 
 /**
  * The server as `npm start` runs it (tsx server/main.ts, a real process, real
- * signals), for the snapshot e2e tests: started on free loopback ports, its
- * pino log lines collected as they come, stopped by signal.
+ * signals), for the e2e tests: launched in its own process group, run to its
+ * exit, or started on free loopback ports with its pino log lines collected
+ * as they come and stopped by signal. killServers() in afterEach.
  */
 
 const TSX = join(REPO_ROOT, "node_modules/.bin/tsx");
@@ -56,16 +57,29 @@ export function killServers(): void {
   children.clear();
 }
 
-/** Starts the server with `args` and waits for the log line that names the bound addresses. */
-export async function startServerProcess(args: string[], env: NodeJS.ProcessEnv = {}): Promise<ServerProcess> {
-  // Own process group: tsx runs the server in a child node process, and a
-  // signal must reach that one.
+/** Launches the server with `args` (own process group: tsx runs it in a child node, and signals must reach both). */
+export function launch(args: string[], env: NodeJS.ProcessEnv = {}): { child: Child; exited: Promise<Exit>; stderr(): string } {
   const child = spawn(TSX, [MAIN, ...args], { cwd: REPO_ROOT, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"], detached: true });
   children.add(child);
   let stderr = "";
   child.stderr.setEncoding("utf8").on("data", (chunk: string) => (stderr += chunk));
   // "close", not "exit": the output is complete only once the pipes close.
   const exited = new Promise<Exit>((resolve) => child.once("close", (code, signal) => resolve({ code, signal })));
+  return { child, exited, stderr: () => stderr };
+}
+
+/** Runs the server to its exit (bad flags, --help) with its output. */
+export async function runToExit(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Exit & { stdout: string; stderr: string }> {
+  const { child, exited, stderr } = launch(args, env);
+  let stdout = "";
+  child.stdout.setEncoding("utf8").on("data", (chunk: string) => (stdout += chunk));
+  const exit = await exited;
+  return { ...exit, stdout, stderr: stderr() };
+}
+
+/** Starts the server with `args` and waits for the log line that names the bound addresses. */
+export async function startServerProcess(args: string[], env: NodeJS.ProcessEnv = {}): Promise<ServerProcess> {
+  const { child, exited, stderr } = launch(args, env);
   const lines: LogLine[] = [];
   const listening = await new Promise<LogLine>((resolve, reject) => {
     createInterface({ input: child.stdout }).on("line", (text) => {
@@ -78,14 +92,14 @@ export async function startServerProcess(args: string[], env: NodeJS.ProcessEnv 
       lines.push(line);
       if (typeof line.grpc === "string") resolve(line);
     });
-    void exited.then((exit) => reject(new Error(`server exited (${exit.code ?? exit.signal}) before listening:\n${stderr}`)));
+    void exited.then((exit) => reject(new Error(`server exited (${exit.code ?? exit.signal}) before listening:\n${stderr()}`)));
   });
   const grpcAddress = listening.grpc!;
   return {
     target: `127.0.0.1:${grpcAddress.slice(grpcAddress.lastIndexOf(":") + 1)}`,
     lines,
     exited,
-    stderr: () => stderr,
+    stderr,
     async kill(signal) {
       // SIGKILL takes the whole group down (a crash); other signals go to tsx,
       // which relays them once to the server (a second SIGTERM would kill it).

@@ -1,7 +1,4 @@
-import { type ChildProcessByStdio, spawn } from "node:child_process";
-import { join } from "node:path";
 import { createInterface } from "node:readline";
-import type { Readable } from "node:stream";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import { afterAll, afterEach, beforeAll, describe, expect, it, type TestContext } from "vitest";
@@ -17,7 +14,8 @@ import { IommufdService } from "../../gen/iommufd/v1/service_pb.js";
 import { IommuModel } from "../../gen/iommufd/v1/vm_pb.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { ADMIN, type Credential, createTestPki, opensslMissing, TENANT_A, TENANT_B, type TestPki } from "./certs.js";
-import { REPO_ROOT, skipBecause } from "./support.js";
+import { killServers, launch, type LogLine, runToExit } from "./server-process.js";
+import { skipBecause } from "./support.js";
 
 /**
  * Transport security and tenancy (issue 6, api.md "A VM owned by another
@@ -542,62 +540,15 @@ describe("--health-listen under mutual TLS", () => {
 // ---------------------------------------------------------------------------
 // The real process: plaintext on a non-loopback address
 
-const TSX = join(REPO_ROOT, "node_modules/.bin/tsx");
-const MAIN = join(REPO_ROOT, "server/main.ts");
 const METRICS_EPHEMERAL = ["--metrics-listen", "127.0.0.1:0"];
 
-type Child = ChildProcessByStdio<null, Readable, Readable>;
-interface Exit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
-interface LogLine {
-  level?: number;
-  msg?: string;
-  grpc?: string;
-  health?: string;
-  tls?: string;
-}
-
-const children = new Set<Child>();
-
-afterEach(() => {
-  for (const child of children) {
-    if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) {
-      try {
-        process.kill(-child.pid, "SIGKILL");
-      } catch {
-        // Already gone.
-      }
-    }
-  }
-  children.clear();
-});
-
-/** The server as `npm start` runs it (own process group: tsx runs it in a child node). */
-function launch(args: string[], env: NodeJS.ProcessEnv = {}) {
-  const child = spawn(TSX, [MAIN, ...args], { cwd: REPO_ROOT, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"], detached: true });
-  children.add(child);
-  let stderr = "";
-  child.stderr.setEncoding("utf8").on("data", (chunk: string) => (stderr += chunk));
-  const exited = new Promise<Exit>((resolve) => child.once("close", (code, signal) => resolve({ code, signal })));
-  return { child, exited, stderr: () => stderr };
-}
-
-/** Runs the process to completion. */
-async function runToExit(args: string[]) {
-  const { child, exited, stderr } = launch(args);
-  let stdout = "";
-  child.stdout.setEncoding("utf8").on("data", (chunk: string) => (stdout += chunk));
-  const exit = await exited;
-  return { ...exit, stdout, stderr: stderr() };
-}
+afterEach(killServers);
 
 /** Starts the process; resolves with the log lines up to and including the "listening" one. */
 async function startProcess(args: string[], env: NodeJS.ProcessEnv = {}) {
   const { child, exited, stderr } = launch(args, env);
   const lines: LogLine[] = [];
-  const listening = await new Promise<LogLine>((resolve, reject) => {
+  const listening = await new Promise<LogLine & { health?: string; tls?: string }>((resolve, reject) => {
     createInterface({ input: child.stdout }).on("line", (text) => {
       let line: LogLine;
       try {
