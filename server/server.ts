@@ -83,24 +83,25 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
 
   guardHttp2Streams(server);
   const onBug = (error: unknown) => log.error({ err: error }, "unexpected error in an RPC handler");
+  const statusOf = (error: unknown) => toStatus(error, onBug);
   const identity = { mutualTls: config.tls?.clientCa !== undefined, adminIdentity: config.adminIdentity };
   const caller = (call: Parameters<typeof callIdentity>[0]) => callIdentity(call, identity);
-  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), caller, (e) => toStatus(e, onBug), config.maxMessageBytes);
+  const handlers = unaryHandlers(IommufdService, iommufdServiceImplementation(vms), caller, statusOf, config.maxMessageBytes);
   // Long Translate batches and Invalidate arrays take turns (rpc/turns.ts).
   const turns = new Turns();
-  handlers.translate = translateHandler(vms, caller, (e) => toStatus(e, onBug), turns, config.maxMessageBytes) as grpc.UntypedHandleCall;
-  handlers.invalidate = invalidateHandler(vms, caller, (e) => toStatus(e, onBug), turns) as grpc.UntypedHandleCall;
-  handlers.exportVm = exportVmHandler(vms, caller, (e) => toStatus(e, onBug), config.maxMessageBytes) as grpc.UntypedHandleCall;
-  handlers.importVm = importVmHandler(vms, caller, (e) => toStatus(e, onBug)) as grpc.UntypedHandleCall;
+  handlers.translate = translateHandler(vms, caller, statusOf, turns, config.maxMessageBytes) as grpc.UntypedHandleCall;
+  handlers.invalidate = invalidateHandler(vms, caller, statusOf, turns) as grpc.UntypedHandleCall;
+  handlers.exportVm = exportVmHandler(vms, caller, statusOf, config.maxMessageBytes) as grpc.UntypedHandleCall;
+  handlers.importVm = importVmHandler(vms, caller, statusOf) as grpc.UntypedHandleCall;
   // With metrics on, every handler is counted (metrics/grpc-metrics.ts).
   const counted = metricsOn ? instrument : (_method: unknown, handler: grpc.UntypedHandleCall) => handler;
   for (const [name, method] of Object.entries(iommufdDefinition)) handlers[name] = counted(method, handlers[name]);
   server.addService(iommufdDefinition, handlers);
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
-  health.addToServer(guarded(server, (e) => toStatus(e, onBug), counted) as grpc.Server);
+  health.addToServer(guarded(server, statusOf, counted) as grpc.Server);
   new ReflectionService(
     reflectionPackage([file_iommufd_v1_service, file_grpc_health_v1_health, file_google_rpc_status, file_google_rpc_error_details]),
-  ).addToServer(guarded(server, (e) => toStatus(e, onBug), counted) as grpc.Server);
+  ).addToServer(guarded(server, statusOf, counted) as grpc.Server);
 
   // Restored before the port opens: no client sees a VM half-restored.
   let stateDir: StateDir | undefined;
