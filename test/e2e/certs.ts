@@ -2,7 +2,8 @@ import { randomBytes } from "node:crypto";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { execFileAsync } from "./support.js";
+import { afterAll, beforeAll, type TestContext } from "vitest";
+import { execFileAsync, skipBecause } from "./support.js";
 
 /**
  * Throwaway X.509 material for the TLS tests, generated with `openssl` in a
@@ -145,4 +146,28 @@ export async function createTestPki(): Promise<TestPki> {
     await pki.remove();
     throw e;
   }
+}
+
+/**
+ * A test file's PKI: created in its beforeAll (unless openssl is missing) and
+ * removed in its afterAll. `current` is undefined when it could not be made;
+ * `require(ctx)` returns it or skips the test, visibly, with the reason.
+ */
+export function useTestPki(): { readonly current: TestPki | undefined; require(ctx: TestContext): TestPki } {
+  let pki: TestPki | undefined;
+  let why = "no test certificates";
+  beforeAll(async () => {
+    const missing = await opensslMissing();
+    if (missing) why = missing;
+    else pki = await createTestPki();
+  }, 60_000);
+  afterAll(async () => {
+    await pki?.pki.remove();
+  });
+  return {
+    get current() {
+      return pki;
+    },
+    require: (ctx) => pki ?? skipBecause(ctx, why),
+  };
 }

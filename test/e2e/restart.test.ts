@@ -10,25 +10,15 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
-import { afterAll, afterEach, beforeAll, describe, expect, it, type TestContext } from "vitest";
+import { afterEach, describe, expect, it, type TestContext } from "vitest";
 import { IommufdClient } from "../../client/client.js";
 import { IommuModel } from "../../gen/iommufd/v1/vm_pb.js";
 import { MIB } from "../integration/helpers.js";
 import { type Built, buildMockVm, buildVtdVm, further, listed, observe, pattern, vmIds, vmOn } from "../integration/snapshot-helpers.js";
-import { createTestPki, opensslMissing, TENANT_A, TENANT_B, type TestPki } from "./certs.js";
+import { TENANT_A, TENANT_B, useTestPki } from "./certs.js";
 import { EPHEMERAL, killServers, type LogLine, type ServerProcess, startServerProcess } from "./server-process.js";
-import { skipBecause } from "./support.js";
 
-let pki: TestPki | undefined;
-let whyNoPki = "no test certificates";
-beforeAll(async () => {
-  const missing = await opensslMissing();
-  if (missing) whyNoPki = missing;
-  else pki = await createTestPki();
-}, 60_000);
-afterAll(async () => {
-  await pki?.pki.remove();
-});
+const testPki = useTestPki();
 
 const dirs: string[] = [];
 const clients: IommufdClient[] = [];
@@ -130,7 +120,7 @@ describe("--state-dir: graceful restart", () => {
   }, 60_000);
 
   it("each tenant's VMs come back to that tenant (mutual TLS; same vm_id in two tenants)", async (ctx: TestContext) => {
-    const p = pki ?? skipBecause(ctx, whyNoPki);
+    const p = testPki.require(ctx);
     const dir = await stateDir();
     const args = [...EPHEMERAL, "--state-dir", dir, "--snapshot-interval", "off", "--tls-cert", p.server.certFile, "--tls-key", p.server.keyFile, "--tls-client-ca", p.ca.certFile];
     const as = (proc: ServerProcess, who: typeof p.tenantA) => connect(proc, { credentials: grpc.credentials.createSsl(p.ca.cert, who.key, who.cert) });

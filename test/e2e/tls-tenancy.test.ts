@@ -13,9 +13,8 @@ import { IommuOption } from "../../gen/iommufd/v1/ioas_pb.js";
 import { IommufdService } from "../../gen/iommufd/v1/service_pb.js";
 import { IommuModel } from "../../gen/iommufd/v1/vm_pb.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
-import { ADMIN, type Credential, createTestPki, opensslMissing, TENANT_A, TENANT_B, type TestPki } from "./certs.js";
+import { ADMIN, type Credential, TENANT_A, TENANT_B, type TestPki, useTestPki } from "./certs.js";
 import { killServers, launch, type LogLine, runToExit } from "./server-process.js";
-import { skipBecause } from "./support.js";
 
 /**
  * Transport security and tenancy (issue 6, api.md "A VM owned by another
@@ -26,23 +25,11 @@ import { skipBecause } from "./support.js";
 // ---------------------------------------------------------------------------
 // Certificates
 
-let pki: TestPki | undefined;
-let whyNoPki = "";
-
-beforeAll(async () => {
-  const missing = await opensslMissing();
-  if (missing) whyNoPki = missing;
-  else pki = await createTestPki();
-}, 60_000);
-
-afterAll(async () => {
-  await pki?.pki.remove();
-});
+const testPki = useTestPki();
 
 /** The test certificates, or a visible skip when openssl is missing. */
 function certs(ctx: TestContext): TestPki {
-  if (pki === undefined) skipBecause(ctx, whyNoPki || "no test certificates");
-  return pki;
+  return testPki.require(ctx);
 }
 
 /** Client credentials trusting the test CA, presenting `who` (none: no client certificate). */
@@ -215,6 +202,7 @@ describe("mutual TLS: tenants", () => {
   let fixture: TenantAVm;
 
   beforeAll(async () => {
+    const pki = testPki.current;
     if (!pki) return;
     t = await startTestServer({ tls: serverTls(pki, true), adminIdentity: ADMIN }, { credentials: tlsAs(pki, pki.tenantA) });
     a = t.client;
@@ -418,6 +406,7 @@ describe("server TLS without a client CA", () => {
   let t: TestServer;
 
   beforeAll(async () => {
+    const pki = testPki.current;
     if (!pki) return;
     t = await startTestServer({ tls: serverTls(pki, false) }, { credentials: tlsAs(pki) });
   });
@@ -486,6 +475,7 @@ describe("--health-listen under mutual TLS", () => {
   let t: TestServer;
 
   beforeAll(async () => {
+    const pki = testPki.current;
     if (!pki) return;
     t = await startTestServer({ tls: serverTls(pki, true), healthListen: "127.0.0.1:0" }, { credentials: tlsAs(pki, pki.tenantA) });
   });
