@@ -21,6 +21,7 @@ import {
   US,
 } from "../reference/reference-walker.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
+import { stats } from "./translate-helpers.js";
 
 /**
  * Translate against the reference model (test/reference/reference-walker.ts,
@@ -873,18 +874,9 @@ class Scenario {
   }
 
   async checkStats(): Promise<void> {
-    const { stats } = await this.vm.getStats();
     const nested = (await this.vm.dumpIotlb({ hwptId: this.nestedId })).entries.length;
     const parent = (await this.vm.dumpIotlb({ hwptId: this.parentId })).entries.length;
-    expect({
-      translations: Number(stats!.translations),
-      iotlbHits: Number(stats!.iotlbHits),
-      iotlbMisses: Number(stats!.iotlbMisses),
-      memoryReferences: Number(stats!.memoryReferences),
-      faults: Number(stats!.faults),
-      invalidationEntries: Number(stats!.invalidationEntries),
-      iotlbEntries: Number(stats!.iotlbEntries),
-    }).toEqual({
+    expect(await stats(this.vm)).toEqual({
       translations: this.totals.translations,
       iotlbHits: this.totals.hits,
       iotlbMisses: this.totals.translations - this.totals.hits,
